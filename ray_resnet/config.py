@@ -1,0 +1,217 @@
+"""One frozen config tree; its defaults are the reference recipe (He et al. 2015, section 4.2, plus the
+project's warmup, label smoothing and random erasing). YAML files and `--set a.b=value` only override it."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key and the valid choices."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["cifar10", "cifar100"] = "cifar10"
+    root: str = "data"  # parquet files (HuggingFace layout) or torchvision's cifar-10-batches-py
+    download: bool = False  # fetch with torchvision's downloader when nothing is found under root
+    cache_dir: str | None = None  # decoded uint8 arrays; None: $RAY_RESNET_CACHE or ~/.cache/ray_resnet
+    train_subset: int | None = None  # class-balanced subset of the training set (quick runs); None: all
+    test_subset: int | None = None
+    erase_p: float = 0.25  # random erasing probability per image
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    batch_size: int = 128  # global batch, split across all workers: the recipe is the same at any scale
+    label_smoothing: float = 0.1
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    epochs: int = 200
+    warmup_epochs: float = 10  # linear, per iteration, from warmup_start_lr to optim.lr
+    warmup_start_lr: float = 1e-5
+    milestones: tuple[int, ...] = (100, 150)  # epochs where lr is multiplied by gamma
+    gamma: float = 0.1
+
+
+@dataclass(frozen=True)
+class PerfConfig:
+    channels_last: bool = True  # 1.2-1.4x faster convolutions on CPU and on tensor-core GPUs
+    amp: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    eval_batch_size: int = 500  # larger batches overflow the CPU's L3 cache (2x slower per image at 1000)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str | None = None  # None: <model>-<dataset>-s<seed>; rerunning with the same name resumes
+    storage: str = "runs"  # run dirs live in <storage>/<name>; a shared path or URI on clusters
+    num_workers: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs when the cluster has enough
+    cpus_per_worker: int | None = None  # None: on CPU all cluster CPUs split evenly, on GPU 1
+    checkpoint_every: int = 1  # epochs
+    keep_checkpoints: int = 2  # the latest K epoch checkpoints; the best one is kept apart
+    max_failures: int = 3  # worker-group restarts from the latest checkpoint before giving up
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = "resnet20"
+    seed: int = 0  # fixes init, data order and augmentation
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp`; return it in canonical form or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, typing.get_args(tp)[0], key) for v in value)
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, overrides: dict, prefix: str = "") -> Any:
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {overrides!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}'; valid keys: {', '.join(prefix + k for k in fields)}")
+    kwargs = {}
+    for name, value in overrides.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain, YAML-ready dict (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def from_dict(d: dict) -> Config:
+    from .models import parse_model_name
+
+    cfg = _build(Config, d)
+    try:
+        parse_model_name(cfg.model)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    return cfg
+
+
+def parse_set(assignment: str) -> dict:
+    """`optim.lr=0.05` -> {"optim": {"lr": 0.05}}; the value is read as YAML (numbers, lists, null, true)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value (e.g. optim.lr=0.05), got {assignment!r}")
+    value: Any = yaml.safe_load(raw) if raw.strip() else ""
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(path: str | Path | None = None, sets: list[str] = (), extra: dict | None = None) -> Config:
+    """Defaults <- YAML file <- `extra` (from CLI flags) <- `--set` assignments, validated as a whole."""
+    overrides: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; the shipped ones are in configs/")
+        try:
+            overrides = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}".splitlines()[0]) from None
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    overrides = _merge(overrides, extra or {})
+    for assignment in sets:
+        overrides = _merge(overrides, parse_set(assignment))
+    try:
+        return from_dict(overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def replace(cfg: Config, **sections: dict) -> Config:
+    """`replace(cfg, run={"name": "x"})`: a copy with some keys of some sections changed."""
+    return from_dict(_merge(to_dict(cfg), sections))
