@@ -1,0 +1,116 @@
+"""`ray-resnet` command line: train and eval. Errors users can fix print one line and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .data import DataNotFoundError
+
+# --smoke-test: a tiny real run for CI and first contact (seconds, not minutes).
+SMOKE_OVERRIDES = {
+    "data": {"train_subset": 512, "test_subset": 256},
+    "schedule": {"epochs": 1, "warmup_epochs": 1},
+    "optim": {"batch_size": 64},
+}
+
+
+def _train(args: argparse.Namespace) -> int:
+    from . import train
+    from .config import load_config
+
+    extra: dict = {}
+    if args.smoke_test:
+        extra = dict(SMOKE_OVERRIDES)
+    if args.model:
+        extra["model"] = args.model
+    run = {k: v for k, v in (("num_workers", args.num_workers), ("name", args.name), ("storage", args.storage)) if v}
+    if run:
+        extra["run"] = run
+    if args.data:
+        extra["data"] = {**extra.get("data", {}), "root": args.data}
+    cfg = load_config(args.config, args.set, extra)
+    if args.smoke_test and not cfg.run.name:
+        cfg = train.config_lib.replace(cfg, run={"name": f"{train.default_run_name(cfg)}-smoke"})
+    summary = train.run_training(cfg, address=args.address)
+    if summary.get("already_finished"):
+        print(f"run {summary['name']} is already finished ({summary['epoch']}/{summary['epochs']} epochs): "
+              f"final test acc {summary['final_test_acc']:.2f}%, best {summary['best_test_acc']:.2f}%. "
+              f"Pass --name NEW for a fresh run, or raise schedule.epochs to train on.")
+    else:
+        print(f"done: {summary['name']} ({summary['model']}, {summary['params']:,} params) "
+              f"{summary['epoch']}/{summary['epochs']} epochs in {summary['wall_time_s']:.0f}s: "
+              f"final test acc {summary['final_test_acc']:.2f}%, "
+              f"best {summary['best_test_acc']:.2f}% (epoch {summary['best_epoch']})")
+    print(f"run dir: {summary['run_dir']}\nTensorBoard: tensorboard --logdir {summary['run_dir']}/tb")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .config import from_dict
+    from .data import NUM_CLASSES, load_cifar
+    from .engine import evaluate
+    from .models import build_model
+
+    state = load_checkpoint(args.checkpoint)
+    cfg = from_dict(state["config"])
+    images, labels = load_cifar(args.data or cfg.data.root, "test", cfg.data.dataset, False, cfg.data.cache_dir)
+    model = build_model(cfg.model, NUM_CLASSES[cfg.data.dataset])
+    model.load_state_dict(state["model"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device, memory_format=torch.channels_last)
+    metrics = evaluate(model, images, labels, batch_size=cfg.perf.eval_batch_size, amp=cfg.perf.amp)
+    out = {"checkpoint": str(args.checkpoint), "model": cfg.model, "epoch": state["epoch"], **metrics}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{cfg.model} (epoch {state['epoch']}) on {metrics['count']:,} {cfg.data.dataset} test images: "
+              f"top-1 {metrics['acc']:.2f}%, loss {metrics['loss']:.4f}, {metrics['images_per_s']:,.0f} img/s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ray-resnet", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or resume) one run with Ray Train")
+    p.add_argument("-c", "--config", type=Path, help="YAML overrides of the reference recipe (configs/*.yaml)")
+    p.add_argument("--model", help="model name, e.g. resnet32 (overrides the config's model)")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers; the global batch stays optim.batch_size")
+    p.add_argument("--data", help="dataset dir: HuggingFace parquet files or cifar-10-batches-py (data.root)")
+    p.add_argument("--name", help="run name; rerunning with the same name resumes (run.name)")
+    p.add_argument("--storage", help="where run dirs go (run.storage, default runs/)")
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local embedded Ray)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set optim.lr=0.05 (repeatable)")
+    p.add_argument("--smoke-test", action="store_true", help="tiny subset, one short epoch")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="test accuracy of a checkpoint (file, checkpoint dir, or run dir = best)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint.pt, a checkpoint dir, or a run dir")
+    p.add_argument("--data", help="dataset dir (default: the data.root the run was trained on)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .train import RunError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataNotFoundError, CheckpointError, RunError) as e:
+        print(f"ray-resnet: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

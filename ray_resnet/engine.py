@@ -1,0 +1,155 @@
+"""Epoch functions, optimizer and LR schedule (pure PyTorch; no Ray).
+
+Both epoch functions return plain metric dicts. Under torch.distributed they sum their counters over all ranks,
+so every rank returns the same global numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .config import OptimConfig, ScheduleConfig
+from .data import augment, normalize
+
+
+def lr_at(epoch: float, base_lr: float, schedule: ScheduleConfig) -> float:
+    """Learning rate at a (fractional) epoch: linear warmup from warmup_start_lr, then step decay."""
+    if epoch < schedule.warmup_epochs:
+        return schedule.warmup_start_lr + (base_lr - schedule.warmup_start_lr) * epoch / schedule.warmup_epochs
+    return base_lr * schedule.gamma ** sum(epoch >= m for m in schedule.milestones)
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.SGD:
+    # Weight decay on every parameter, BN included, as in the paper and the reference reproductions.
+    return torch.optim.SGD(
+        model.parameters(), lr=optim.lr, momentum=optim.momentum,
+        weight_decay=optim.weight_decay, nesterov=optim.nesterov,
+    )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, base_lr: float, schedule: ScheduleConfig,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per iteration, so warmup is smooth and milestones land on epoch boundaries."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_at(step / steps_per_epoch, base_lr, schedule) / base_lr
+    )
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA ("auto" or "bf16"), or on CPU when asked for ("bf16"); fp32 otherwise."""
+    if amp == "bf16" or (amp == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _global_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
+    totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def _prepare(images_u8: torch.Tensor, device: torch.device, channels_last: bool, train: bool,
+             generator: torch.Generator | None, erase_p: float) -> torch.Tensor:
+    x = images_u8.to(device, non_blocking=True)
+    x = augment(x, generator, erase_p=erase_p) if train else normalize(x)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    steps: Sequence[tuple[torch.Tensor, int]],
+    generator: torch.Generator,
+    *,
+    label_smoothing: float = 0.1,
+    erase_p: float = 0.25,
+    channels_last: bool = True,
+    amp: str = "auto",
+    world_size: int = 1,
+) -> dict[str, float]:
+    """One pass over `steps` (from data.epoch_batches). `images` are uint8 [N,3,32,32] on any device.
+
+    Each rank's loss is its sum over samples divided by the global batch size and multiplied by world_size,
+    so DDP's gradient average is the exact mean over the global batch even when ranks hold unequal shares.
+    """
+    device = next(model.parameters()).device
+    model.train()
+    loss_sum = torch.zeros((), device=device)  # accumulated on device: no host sync inside the step
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    lr = optimizer.param_groups[0]["lr"]
+    start = time.perf_counter()
+    for idx, global_count in steps:
+        idx = idx.to(images.device)
+        x = _prepare(images[idx], device, channels_last, True, generator, erase_p)
+        y = labels[idx].to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(x)
+        batch_loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="sum")
+        optimizer.zero_grad(set_to_none=True)
+        (batch_loss * (world_size / global_count)).backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += batch_loss.detach()
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(idx)
+    total_loss, total_correct, total_seen = _global_sum([loss_sum, correct, seen], device)
+    elapsed = time.perf_counter() - start
+    return {
+        "loss": total_loss / max(total_seen, 1),
+        "acc": 100.0 * total_correct / max(total_seen, 1),
+        "images_per_s": total_seen / elapsed,
+        "lr": lr,  # at the start of the epoch
+        "time_s": elapsed,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    indices: torch.Tensor | None = None,
+    *,
+    batch_size: int = 500,
+    channels_last: bool = True,
+    amp: str = "auto",
+) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy over `indices` (this rank's shard; default all), summed over ranks.
+
+    The loss has no label smoothing, so it is comparable across recipes.
+    """
+    device = next(model.parameters()).device
+    model.eval()
+    if indices is None:
+        indices = torch.arange(len(labels))
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    start = time.perf_counter()
+    for chunk in indices.split(batch_size):
+        chunk = chunk.to(images.device)
+        x = _prepare(images[chunk], device, channels_last, False, None, 0.0)
+        y = labels[chunk].to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    total_loss, total_correct, total_seen = _global_sum([loss_sum, correct, len(indices)], device)
+    elapsed = time.perf_counter() - start
+    return {
+        "loss": total_loss / max(total_seen, 1),
+        "acc": 100.0 * total_correct / max(total_seen, 1),
+        "images_per_s": total_seen / elapsed,
+        "count": int(total_seen),
+    }

@@ -1,0 +1,95 @@
+"""Tiny CIFAR-shaped datasets written in the real on-disk formats (HuggingFace parquet, torchvision pickles)."""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+
+def random_cifar(n: int, num_classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images uint8 [n,3,32,32] and labels int64 [n], as balanced across classes as n allows."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
+    labels = rng.permutation(np.arange(n) % num_classes).astype(np.int64)
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def _png(image_chw: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image_chw.transpose(1, 2, 0))).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_parquet_cifar(dirpath, images_uint8_nchw, labels, split, dataset="cifar10", shards=1) -> list[Path]:
+    """Write ``split`` in the HuggingFace uoft-cs/cifar10 (or cifar100) parquet schema.
+
+    shards=1 writes dirpath/{split}.parquet; more writes dirpath/{split}-0000i-of-0000n.parquet
+    like the HF repo. CIFAR-100 gets fine_label and a coarse_label (fine // 5, not the real map).
+    """
+    dirpath = Path(dirpath)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    images, labels = np.asarray(images_uint8_nchw), np.asarray(labels, dtype=np.int64)
+    img_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    paths = []
+    for i, rows in enumerate(np.array_split(np.arange(len(labels)), shards)):
+        columns = {"img": pa.array([{"bytes": _png(images[r]), "path": None} for r in rows], type=img_type)}
+        if dataset == "cifar10":
+            columns["label"] = pa.array(labels[rows], type=pa.int64())
+        else:
+            columns["fine_label"] = pa.array(labels[rows], type=pa.int64())
+            columns["coarse_label"] = pa.array(labels[rows] // 5, type=pa.int64())
+        name = f"{split}.parquet" if shards == 1 else f"{split}-{i:05d}-of-{shards:05d}.parquet"
+        paths.append(dirpath / name)
+        pq.write_table(pa.table(columns), paths[-1])
+    return paths
+
+
+def _dump(path: Path, obj: dict) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)  # the official files are protocol-2 (Python 2) pickles
+
+
+def _batch(images: np.ndarray, labels: np.ndarray, batch_label: str, label_keys: list[bytes]) -> dict:
+    batch = {
+        b"batch_label": batch_label.encode(),
+        b"data": images.reshape(len(images), 3 * 32 * 32),  # CHW rows, like the real files
+        b"filenames": [f"img_{i:05d}.png".encode() for i in range(len(images))],
+    }
+    for key in label_keys:
+        batch[key] = [int(x) // 5 if key == b"coarse_labels" else int(x) for x in labels]
+    return batch
+
+
+def write_torchvision_cifar(root, train_images, train_labels, test_images, test_labels, dataset="cifar10") -> Path:
+    """Write torchvision's layout: root/cifar-10-batches-py (5 train batches + test_batch) or root/cifar-100-python."""
+    train_images, test_images = np.asarray(train_images, dtype=np.uint8), np.asarray(test_images, dtype=np.uint8)
+    train_labels, test_labels = np.asarray(train_labels), np.asarray(test_labels)
+    if dataset == "cifar10":
+        folder = Path(root) / "cifar-10-batches-py"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, rows in enumerate(np.array_split(np.arange(len(train_labels)), 5), start=1):
+            batch = _batch(train_images[rows], train_labels[rows], f"training batch {i} of 5", [b"labels"])
+            _dump(folder / f"data_batch_{i}", batch)
+        _dump(folder / "test_batch", _batch(test_images, test_labels, "testing batch 1 of 1", [b"labels"]))
+        _dump(folder / "batches.meta", {b"label_names": [f"class_{c}".encode() for c in range(10)]})
+    else:
+        folder = Path(root) / "cifar-100-python"
+        folder.mkdir(parents=True, exist_ok=True)
+        keys = [b"fine_labels", b"coarse_labels"]
+        _dump(folder / "train", _batch(train_images, train_labels, "training batch 1 of 1", keys))
+        _dump(folder / "test", _batch(test_images, test_labels, "testing batch 1 of 1", keys))
+        _dump(
+            folder / "meta",
+            {
+                b"fine_label_names": [f"fine_{c}".encode() for c in range(100)],
+                b"coarse_label_names": [f"coarse_{c}".encode() for c in range(20)],
+            },
+        )
+    return folder

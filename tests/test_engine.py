@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from ray_resnet.config import OptimConfig, ScheduleConfig
+from ray_resnet.data import epoch_batches
+from ray_resnet.engine import evaluate, lr_at, make_optimizer, make_scheduler, train_one_epoch
+from ray_resnet.models import build_model
+
+RECIPE = ScheduleConfig()
+
+
+@pytest.mark.parametrize("epoch, lr", [
+    (0, 1e-5), (5, 1e-5 + (0.1 - 1e-5) / 2), (10, 0.1), (99.9, 0.1), (100, 0.01), (149, 0.01), (150, 0.001),
+    (199.9, 0.001),
+])
+def test_lr_schedule_of_the_recipe(epoch, lr):
+    assert lr_at(epoch, 0.1, RECIPE) == pytest.approx(lr)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of .lr_scheduler.step\(\).")
+def test_scheduler_steps_per_iteration():
+    model = torch.nn.Linear(2, 2)
+    opt = make_optimizer(model, OptimConfig())
+    steps_per_epoch = 391  # ceil(50000 / 128)
+    sched = make_scheduler(opt, 0.1, RECIPE, steps_per_epoch)
+    seen = {}
+    opt.step = lambda: None  # only the lr matters here; skip the parameter update
+    for step in range(steps_per_epoch * 151 + 1):
+        if step % steps_per_epoch == 0:
+            seen[step // steps_per_epoch] = opt.param_groups[0]["lr"]
+        elif step == steps_per_epoch // 2:
+            seen[0.5] = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+    assert seen[0] == pytest.approx(1e-5)
+    assert seen[0.5] == pytest.approx(lr_at((steps_per_epoch // 2) / steps_per_epoch, 0.1, RECIPE))
+    assert seen[10] == pytest.approx(0.1) and seen[100] == pytest.approx(0.01) and seen[150] == pytest.approx(0.001)
+
+
+def _tiny_data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    # class-dependent colour + noise: learnable in a few steps
+    base = torch.tensor([[40, 40, 200], [200, 40, 40], [40, 200, 40], [200, 200, 40]], dtype=torch.float)
+    images = base[labels][:, :, None, None] + 30 * torch.randn(n, 3, 32, 32, generator=g)
+    return images.clamp(0, 255).to(torch.uint8), labels
+
+
+def test_train_one_epoch_learns_and_reports_metrics():
+    torch.manual_seed(0)
+    images, labels = _tiny_data()
+    model = build_model("resnet20", num_classes=4).to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, OptimConfig(lr=0.05))
+    sched = make_scheduler(opt, 0.05, ScheduleConfig(warmup_epochs=0), 3)
+    history = [train_one_epoch(model, opt, sched, images, labels, epoch_batches(96, 32, 1, 0, epoch, 0),
+                               torch.Generator().manual_seed(epoch)) for epoch in range(4)]
+    assert set(history[-1]) == {"loss", "acc", "images_per_s", "lr", "time_s"}
+    assert history[-1]["images_per_s"] > 0 and history[-1]["lr"] == pytest.approx(0.05)
+    assert history[-1]["loss"] < history[0]["loss"], [m["loss"] for m in history]
+    assert 0 <= history[-1]["acc"] <= 100
+
+
+def test_evaluate_counts_only_the_given_indices():
+    images, labels = _tiny_data(50)
+    model = build_model("resnet20", num_classes=4)
+    whole = evaluate(model, images, labels, batch_size=7)
+    parts = [evaluate(model, images, labels, torch.arange(a, b), batch_size=7) for a, b in ((0, 20), (20, 50))]
+    assert whole["count"] == 50 and [p["count"] for p in parts] == [20, 30]
+    correct = sum(p["acc"] * p["count"] for p in parts) / 100
+    assert correct == pytest.approx(whole["acc"] * 50 / 100)
+
+
+def test_channels_last_and_plain_layout_take_the_same_step():
+    images, labels = _tiny_data(32)
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = build_model("resnet20", num_classes=4)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        opt = make_optimizer(model, OptimConfig())
+        sched = make_scheduler(opt, 0.1, RECIPE, 1)
+        train_one_epoch(model, opt, sched, images, labels, epoch_batches(32, 32, 1, 0, 0, 0),
+                        torch.Generator().manual_seed(0), channels_last=channels_last)
+        results.append(model.linear.weight.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-5)

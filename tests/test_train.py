@@ -1,0 +1,90 @@
+"""End-to-end training through Ray Train's TorchTrainer on a real local Ray (2 CPUs) and real CIFAR-10 rows."""
+
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ray_resnet import cli
+from ray_resnet.checkpoint import load_checkpoint
+from ray_resnet.config import load_config, replace, save_config
+from ray_resnet.train import RunError, resolve_run, run_training
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _cfg(root, storage, name, *sets):
+    return load_config(None, [f"data.root={root}", f"run.storage={storage}", f"run.name={name}",
+                              "optim.batch_size=128", "schedule.warmup_epochs=0", "optim.lr=0.05",
+                              "perf.eval_batch_size=250", *sets])
+
+
+def _scalars(run_dir, tag):
+    """(step, value) pairs of a tag, over every event file of the run's tb/ dir, in file order."""
+    out = []
+    for events in sorted((run_dir / "tb").glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            out.append([(e.step, e.value) for e in acc.Scalars(tag)])
+    return out
+
+
+def test_two_workers_learn_checkpoint_log_resume_and_eval(real_cifar_small, tmp_path, capsys):
+    cfg = _cfg(real_cifar_small, tmp_path, "r20", "schedule.epochs=2", "run.num_workers=2")
+    first = run_training(cfg)
+    run_dir = tmp_path / "r20"
+    assert first["epoch"] == 2 and 0 <= first["final_test_acc"] <= 100
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "result.json").is_file()
+    assert load_checkpoint(first["checkpoint"])["epoch"] == 2
+
+    # Rerunning the same name with more epochs resumes: the second attempt trains epoch 3 only.
+    second = run_training(_cfg(real_cifar_small, tmp_path, "r20", "schedule.epochs=3", "run.num_workers=2"))
+    assert second["epoch"] == 3
+    per_file = _scalars(run_dir, "train/loss")
+    assert [step for step, _ in per_file[0]] == [1, 2] and [step for step, _ in per_file[1]] == [3]
+    losses = [v for f in per_file for _, v in f]
+    assert losses[-1] < losses[0], f"training loss did not decrease: {losses}"
+    for tag in ("test/acc", "test/loss", "train/acc", "lr", "perf/train_images_per_s", "perf/epoch_time_s"):
+        assert sum(len(f) for f in _scalars(run_dir, tag)) == 3, tag
+
+    # A finished run says so and trains nothing.
+    again = run_training(_cfg(real_cifar_small, tmp_path, "r20", "schedule.epochs=3", "run.num_workers=2"))
+    assert again.get("already_finished") and again["epoch"] == 3
+
+    # eval on the best checkpoint reproduces the accuracy recorded during training.
+    best = load_checkpoint(run_dir)
+    assert best["epoch"] == second["best_epoch"]
+    assert cli.main(["eval", "--checkpoint", str(run_dir / "best"), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["count"] == 500
+    assert evaluated["acc"] == pytest.approx(best["metrics"]["test_acc"], abs=0.41)  # <= 2 borderline flips
+
+
+def test_same_seed_gives_the_same_first_epoch(real_cifar_small, tmp_path):
+    losses = []
+    for name in ("a", "b"):
+        run_training(_cfg(real_cifar_small, tmp_path, name, "schedule.epochs=1", "data.train_subset=256"))
+        losses.append(load_checkpoint(tmp_path / name / "best")["metrics"]["train_loss"])
+    assert losses[0] == losses[1]
+    run_training(_cfg(real_cifar_small, tmp_path, "c", "schedule.epochs=1", "data.train_subset=256", "seed=1"))
+    assert load_checkpoint(tmp_path / "c" / "best")["metrics"]["train_loss"] != losses[0]
+
+
+def test_more_workers_than_the_cluster_has_fails_fast(real_cifar_small, tmp_path):
+    with pytest.raises(RunError, match="do not fit on this cluster"):
+        run_training(_cfg(real_cifar_small, tmp_path, "big", "run.num_workers=3", "run.cpus_per_worker=1"))
+    with pytest.raises(RunError, match="do not fit"):
+        run_training(_cfg(real_cifar_small, tmp_path, "gpu", "run.device=cuda"))
+
+
+def test_a_run_dir_with_another_recipe_is_not_resumed(real_cifar_small, tmp_path):
+    cfg = resolve_run(_cfg(real_cifar_small, tmp_path, "r", "schedule.epochs=1"))
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    save_config(replace(cfg, model="resnet32", optim={"lr": 0.2}), run_dir / "config.yaml")
+    saved = (run_dir / "config.yaml").read_text()
+    with pytest.raises(RunError, match="another config \\(model: 'resnet32' -> 'resnet20'; optim.lr: 0.2 -> 0.05\\).*new --name"):
+        run_training(cfg)
+    assert (run_dir / "config.yaml").read_text() == saved
