@@ -33,6 +33,8 @@ def _train(args: argparse.Namespace) -> int:
         extra["run"] = run
     if args.data:
         extra["data"] = {**extra.get("data", {}), "root": args.data}
+    if args.download:
+        extra["data"] = {**extra.get("data", {}), "download": True}
     cfg = load_config(args.config, args.set, extra)
     if args.smoke_test and not cfg.run.name:
         cfg = train.config_lib.replace(cfg, run={"name": f"{train.default_run_name(cfg)}-smoke"})
@@ -85,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model name, e.g. resnet32 (overrides the config's model)")
     p.add_argument("--num-workers", type=int, help="Ray Train workers; the global batch stays optim.batch_size")
     p.add_argument("--data", help="dataset dir: HuggingFace parquet files or cifar-10-batches-py (data.root)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch CIFAR with torchvision's downloader if --data holds none (data.download)")
     p.add_argument("--name", help="run name; rerunning with the same name resumes (run.name)")
     p.add_argument("--storage", help="where run dirs go (run.storage, default runs/)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local embedded Ray)")

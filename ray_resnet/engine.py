@@ -99,6 +99,7 @@ def train_one_epoch(
         batch_loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="sum")
         optimizer.zero_grad(set_to_none=True)
         (batch_loss * (world_size / global_count)).backward()
+        lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         loss_sum += batch_loss.detach()
@@ -110,7 +111,7 @@ def train_one_epoch(
         "loss": total_loss / max(total_seen, 1),
         "acc": 100.0 * total_correct / max(total_seen, 1),
         "images_per_s": total_seen / elapsed,
-        "lr": lr,  # at the start of the epoch
+        "lr": lr,  # of the epoch's last step
         "time_s": elapsed,
     }
 

@@ -107,7 +107,8 @@ def parse_model_name(name: str) -> tuple[int, str | None]:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
     family, depth, option_b = match.group(1), int(match.group(2)), match.group(3)
     if depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, 1202, ...); got {depth} in {name!r}")
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, 1202, ...); got {depth} in {name!r}; "
+                         f"registered models: {', '.join(MODEL_NAMES)}")
     return depth, "B" if option_b else _FAMILIES[family]
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import config as config_lib
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config
 from .data import NUM_CLASSES, epoch_batches, eval_shard, load_cifar, take_subset
 from .engine import evaluate, make_optimizer, make_scheduler, train_one_epoch
@@ -65,6 +65,11 @@ def _epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> 
     """Augmentation randomness depends only on (seed, epoch, rank): a resumed run draws what it would have."""
     state = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
     return torch.Generator(device=device).manual_seed(state)
+
+
+def _hms(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def _log_epoch(writer, metrics: dict, epoch: int) -> None:
@@ -132,7 +137,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step hides events a crashed attempt logged after the checkpoint we resume from.
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch + 1 if start_epoch else None)
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch + 1)
     test_shard = eval_shard(len(test_labels), world, rank)
     epochs = cfg.schedule.epochs
     for epoch in range(start_epoch, epochs):
@@ -170,16 +175,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     "best_epoch": best_epoch, "rng": {"torch": torch.get_rng_state()},
                     "config": loop_config["config"], "metrics": metrics,
                 }
-                save_checkpoint(state, tmp)
+                if save_due:
+                    save_checkpoint(state, tmp)
                 if is_best:
                     save_checkpoint(state, run_dir / "best")
             if writer:
                 _log_epoch(writer, metrics, done)
-                eta_s = metrics["epoch_time_s"] * (epochs - done)
                 print(f"epoch {done:>3}/{epochs}  train loss {train['loss']:.3f} acc {train['acc']:5.2f}%  "
                       f"test loss {test['loss']:.3f} acc {test['acc']:5.2f}%  lr {train['lr']:.4g}  "
                       f"{train['images_per_s']:,.0f} img/s  {metrics['epoch_time_s']:.0f}s  "
-                      f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta_s))}", flush=True)
+                      f"ETA {_hms(metrics['epoch_time_s'] * (epochs - done))}", flush=True)
             ray_checkpoint = ray.train.Checkpoint.from_directory(tmp) if save_due and rank == 0 else None
             ray.train.report(metrics, checkpoint=ray_checkpoint)
     if writer:
@@ -235,6 +240,27 @@ def previous_result(cfg: Config) -> dict | None:
     return None
 
 
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint Ray Train will resume from: the latest one its snapshot file has committed."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return None
+    latest = (json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    return run_dir / latest if latest else None
+
+
+def check_resumable(run_dir: Path) -> int:
+    """Epoch of the checkpoint a rerun resumes from (0: none); a corrupt one stops here, not in N retries."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        return 0
+    try:
+        return load_checkpoint(path)["epoch"]
+    except CheckpointError as e:
+        raise RunError(f"cannot resume {run_dir.name}: {e}. Move that checkpoint dir aside to resume from an "
+                       "older one, or pass --name for a fresh run") from None
+
+
 def connect(address: str | None) -> None:
     """Join `address` (or $RAY_ADDRESS, which `ray job submit` sets), else start a local embedded Ray."""
     if not ray.is_initialized():
@@ -269,6 +295,9 @@ def run_training(cfg: Config, address: str | None = None) -> dict:
     finished = previous_result(cfg)
     if finished:
         return {**finished, "already_finished": True}
+    resume_epoch = check_resumable(run_dir)
+    if resume_epoch:
+        print(f"resuming run {cfg.run.name} from its epoch-{resume_epoch} checkpoint ({run_dir})", flush=True)
     arrays = load_splits(cfg)  # bad data paths fail here, before any Ray process starts
     connect(address)
     use_gpu, bundle, threads = plan_resources(cfg)
@@ -285,6 +314,7 @@ def run_training(cfg: Config, address: str | None = None) -> dict:
             name=cfg.run.name, storage_path=cfg.run.storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # INFO repeats every metrics dict
         ),
     )
     result = trainer.fit()

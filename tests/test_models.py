@@ -69,3 +69,75 @@ def test_bad_names_say_what_is_valid():
     with pytest.raises(ValueError, match="resnet20, resnet32"):
         build_model("vgg16")
     assert len(MODEL_NAMES) == 16
+
+
+# --- The reference reproduction (github.com/akamaster/pytorch_resnet_cifar10, resnet.py), as published,
+# so a state dict saved from it must load strictly into ours and give the same outputs.
+class _LambdaLayer(torch.nn.Module):
+    def __init__(self, lambd):
+        super().__init__()
+        self.lambd = lambd
+
+    def forward(self, x):
+        return self.lambd(x)
+
+
+class _RefBlock(torch.nn.Module):
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        F = torch.nn.functional
+        self.conv1 = torch.nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(planes)
+        self.conv2 = torch.nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(planes)
+        self.shortcut = torch.nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = _LambdaLayer(
+                lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4), "constant", 0))
+
+    def forward(self, x):
+        F = torch.nn.functional
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        return F.relu(out)
+
+
+class _RefResNet(torch.nn.Module):
+    def __init__(self, num_blocks, num_classes=10):
+        super().__init__()
+        self.in_planes = 16
+        self.conv1 = torch.nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(16)
+        self.layer1 = self._make_layer(16, num_blocks, stride=1)
+        self.layer2 = self._make_layer(32, num_blocks, stride=2)
+        self.layer3 = self._make_layer(64, num_blocks, stride=2)
+        self.linear = torch.nn.Linear(64, num_classes)
+
+    def _make_layer(self, planes, num_blocks, stride):
+        layers = []
+        for s in [stride] + [1] * (num_blocks - 1):
+            layers.append(_RefBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return torch.nn.Sequential(*layers)
+
+    def forward(self, x):
+        F = torch.nn.functional
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.avg_pool2d(out, out.size()[3])
+        return self.linear(out.view(out.size(0), -1))
+
+
+@pytest.mark.parametrize("name, blocks", [("resnet20", 3), ("resnet56", 9)])
+def test_reference_reproduction_state_dicts_load_strictly_and_agree(name, blocks):
+    torch.manual_seed(0)
+    reference = _RefResNet(blocks)
+    reference.train()
+    for _ in range(2):  # non-trivial BN running statistics
+        reference(torch.randn(16, 3, 32, 32))
+    reference.eval()
+    ours = build_model(name).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(8, 3, 32, 32)
+    torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-6)  # pooling kernels round differently
