@@ -36,8 +36,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.download:
         extra["data"] = {**extra.get("data", {}), "download": True}
     cfg = load_config(args.config, args.set, extra)
-    if args.smoke_test and not cfg.run.name:
-        cfg = train.config_lib.replace(cfg, run={"name": f"{train.default_run_name(cfg)}-smoke"})
+    if args.smoke_test:  # never resume or overwrite the real run of the same config
+        cfg = train.config_lib.replace(cfg, run={"name": f"{cfg.run.name or train.default_run_name(cfg)}-smoke"})
     summary = train.run_training(cfg, address=args.address)
     if summary.get("already_finished"):
         print(f"run {summary['name']} is already finished ({summary['epoch']}/{summary['epochs']} epochs): "

@@ -101,3 +101,15 @@ def test_a_corrupt_checkpoint_stops_the_resume_with_a_clear_error(real_cifar_sma
         run_training(_cfg(real_cifar_small, tmp_path, "c", "schedule.epochs=2", "data.train_subset=128"))
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == before
     assert ckpt.stat().st_size == 1000
+
+
+def test_cli_smoke_test_trains_and_prints_the_summary(real_cifar_small, tmp_path, capsys):
+    args = ["train", "-c", str(Path(__file__).parents[1] / "configs" / "quickstart.yaml"), "--smoke-test",
+            "--data", str(real_cifar_small), "--storage", str(tmp_path)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "quickstart-smoke"  # never the real quickstart run
+    assert f"run dir: {run_dir}" in out and "1/1 epochs" in out and "final test acc" in out
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["epoch"] == 1 and result["params"] == 269_722
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
