@@ -8,6 +8,7 @@ that silently evaluates at 10 %. Files are read with `torch.load(weights_only=Tr
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import torch
@@ -34,7 +35,18 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise WeightsError(f"weights file {path} not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or it needs pickled code (never run untrusted code)
+    except pickle.UnpicklingError as e:
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        detail = detail.split(" was not an allowed global")[0][:200]  # drop torch's advice to allow it
+        if "Unsupported global" not in detail:  # garbage, not a pickle of objects
+            raise WeightsError(f"{path} is not a torch weights file ({detail}); expected "
+                               "a state dict, a ray-resnet checkpoint.pt, or a {'state_dict': ...} file") from None
+        # torch's own message suggests weights_only=False: exactly what must not happen with an untrusted file
+        raise WeightsError(
+            f"{path} holds pickled Python objects besides tensors ({detail}); they are refused as loading them could "
+            "run code: re-save it as a plain state dict (torch.save(model.state_dict(), FILE)) where it came from"
+        ) from None
+    except Exception as e:  # not a torch file, or truncated
         raise WeightsError(
             f"cannot read {path} as torch weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             "expected a state dict, a ray-resnet checkpoint.pt, or a {'state_dict': ...} file saved with torch.save"
