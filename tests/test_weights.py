@@ -7,23 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from fixtures import random_cifar, write_parquet_cifar
+from fixtures import random_cifar, trained_like, write_parquet_cifar
 from ray_resnet import cli
 from ray_resnet.checkpoint import save_checkpoint
 from ray_resnet.config import Config, to_dict
 from ray_resnet.engine import evaluate
 from ray_resnet.models import build_model
 from ray_resnet.weights import WeightsError, load_weights, model_from_weights, read_weights
-
-
-def trained_like(name="resnet20", num_classes=10, seed=0):
-    """A model whose weights and BN statistics differ from a fresh one, so a skipped key would show."""
-    torch.manual_seed(seed)
-    model = build_model(name, num_classes)
-    model.train()
-    with torch.no_grad():  # one train-mode pass moves the BN running statistics away from 0 / 1
-        model(torch.randn(8, 3, 32, 32))
-    return model.eval()
 
 
 def save_as(model, fmt, path):
