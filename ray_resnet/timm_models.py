@@ -9,7 +9,6 @@ ray_resnet but never timm, pay nothing.
 
 from __future__ import annotations
 
-import importlib.abc
 import importlib.util
 import sys
 
@@ -59,7 +58,7 @@ def register_with_timm() -> None:
             register_model(_entrypoint(name))
 
 
-class _RegisterAfterExec(importlib.abc.Loader):
+class _RegisterAfterExec:  # a Loader (duck-typed: importlib.abc alone costs ~10 ms to import)
     """timm's own loader, plus registration once the `timm` package has finished executing."""
 
     def __init__(self, loader):
@@ -76,7 +75,7 @@ class _RegisterAfterExec(importlib.abc.Loader):
         return getattr(self.loader, name)
 
 
-class _TimmImportHook(importlib.abc.MetaPathFinder):
+class _TimmImportHook:  # a MetaPathFinder
     def find_spec(self, fullname, path, target=None):
         if fullname != "timm":
             return None
