@@ -1,4 +1,6 @@
-"""`ray-resnet` command line: train, eval, export and tensorboard. Errors users can fix print one line and exit with status 2."""
+"""`ray-resnet` command line: train, eval, export, tensorboard.
+
+Errors users can fix print one line and exit with status 2."""
 
 from __future__ import annotations
 

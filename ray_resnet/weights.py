@@ -58,7 +58,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
                     dataset=config.get("data", {}).get("dataset"), config=config)
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        info.update(format="{'state_dict': ...} wrapper", best_prec1=_plain(obj.get("best_prec1")))
+        info["format"] = "{'state_dict': ...} wrapper"
         obj = obj["state_dict"]
     else:
         info["format"] = "state dict"
@@ -67,10 +67,6 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise WeightsError(f"{path} holds no state dict (found {keys}); expected a dict of tensors, "
                            "a ray-resnet checkpoint, or a {'state_dict': ...} file")
     return strip_wrapper_prefixes(obj), info
-
-
-def _plain(value):
-    return value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
 
 
 def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
