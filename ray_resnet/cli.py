@@ -1,4 +1,6 @@
-"""`ray-resnet` command line: train and eval. Errors users can fix print one line and exit with status 2."""
+"""`ray-resnet` command line: train, eval, export, tensorboard.
+
+Errors users can fix print one line and exit with status 2."""
 
 from __future__ import annotations
 
@@ -9,7 +11,10 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .dashboard import NoRunsError
 from .data import DataNotFoundError
+from .export import ExportError
+from .weights import WeightsError
 
 # --smoke-test: a tiny real run for CI and first contact (seconds, not minutes).
 SMOKE_OVERRIDES = {
@@ -52,30 +57,92 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_from_args(args: argparse.Namespace):
+    """(model, info) from --checkpoint (a file, checkpoint dir or run dir) or --weights, loaded strictly."""
+    from .checkpoint import resolve_checkpoint
+    from .weights import model_from_weights
+
+    path = resolve_checkpoint(args.checkpoint) if args.checkpoint else args.weights
+    return model_from_weights(path, args.model, args.dataset)
+
+
+def _test_images(args: argparse.Namespace, info: dict):
+    """The test split of the dataset: --data, else the data.root of the checkpoint's run."""
+    from .data import load_cifar
+
+    config = info.get("config", {})
+    root = args.data or config.get("data", {}).get("root")
+    if not root:
+        raise DataNotFoundError(f"{info['file']} does not say where its data is: pass --data DIR "
+                                f"(a dir with the {info['dataset']} parquet files or torchvision's pickles)")
+    return load_cifar(root, "test", info["dataset"], False, config.get("data", {}).get("cache_dir")), config
+
+
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import load_checkpoint
-    from .config import from_dict
-    from .data import NUM_CLASSES, load_cifar
     from .engine import evaluate
-    from .models import build_model
 
-    state = load_checkpoint(args.checkpoint)
-    cfg = from_dict(state["config"])
-    images, labels = load_cifar(args.data or cfg.data.root, "test", cfg.data.dataset, False, cfg.data.cache_dir)
-    model = build_model(cfg.model, NUM_CLASSES[cfg.data.dataset])
-    model.load_state_dict(state["model"])
+    model, info = _model_from_args(args)
+    (images, labels), config = _test_images(args, info)
+    perf = config.get("perf", {})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device, memory_format=torch.channels_last)
-    metrics = evaluate(model, images, labels, batch_size=cfg.perf.eval_batch_size, amp=cfg.perf.amp)
-    out = {"checkpoint": str(args.checkpoint), "model": cfg.model, "epoch": state["epoch"], **metrics}
+    metrics = evaluate(model, images, labels, batch_size=perf.get("eval_batch_size", 500),
+                       amp=perf.get("amp", "auto"))
+    source = {"checkpoint": str(args.checkpoint)} if args.checkpoint else {"weights": str(args.weights)}
+    out = {**source, "format": info["format"], "model": info["model"], "dataset": info["dataset"],
+           "epoch": info.get("epoch"), **metrics}
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{cfg.model} (epoch {state['epoch']}) on {metrics['count']:,} {cfg.data.dataset} test images: "
-              f"top-1 {metrics['acc']:.2f}%, loss {metrics['loss']:.4f}, {metrics['images_per_s']:,.0f} img/s")
+        epoch = f" (epoch {info['epoch']})" if info.get("epoch") else ""
+        print(f"{info['model']}{epoch} from {info['format']} {info['file']} on {metrics['count']:,} "
+              f"{info['dataset']} test images: top-1 {metrics['acc']:.2f}%, loss {metrics['loss']:.4f}, "
+              f"{metrics['images_per_s']:,.0f} img/s")
     return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import NUM_CLASSES, normalize
+    from .export import FORMATS, export_and_check
+
+    model, info = _model_from_args(args)
+    try:  # the logit check runs on real test images where the data is at hand, else on fixed random inputs
+        images = normalize(_test_images(args, info)[0][0][:256])
+        batch = f"the first {len(images)} {info['dataset']} test images"
+    except DataNotFoundError:
+        images = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        batch = "256 random inputs (no dataset found; pass --data to check on test images)"
+    output = args.output or Path(f"{info['model']}-{info['dataset']}{FORMATS[args.format]}")
+    result = export_and_check(model, args.format, output, images, info["model"], NUM_CLASSES[info["dataset"]])
+    print(f"wrote {result['file']} ({args.format}, {result['bytes']:,} bytes); reloaded on {batch}: "
+          f"max |logit diff| {result['max_abs_logit_diff']:.2e}, same top-1 on {result['same_top1']}/{len(images)}")
+    if not result["same_logits"]:
+        print(f"ray-resnet: error: the exported {args.format} file gives other logits than the model; "
+              "do not use it (the file is kept for inspection)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _tensorboard(args: argparse.Namespace) -> int:
+    from .dashboard import serve
+
+    serve(args.dir, args.host, args.port)
+    return 0
+
+
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint.pt, a checkpoint dir, or a run dir (its best checkpoint)")
+    source.add_argument("--weights", help="a state dict, a ray-resnet checkpoint.pt, or a {'state_dict': ...} file "
+                                          "(e.g. from akamaster/pytorch_resnet_cifar10; `module.` prefixes are fine)")
+    p.add_argument("--model", help="model name, e.g. resnet20 (default: what the checkpoint says)")
+    p.add_argument("--dataset", choices=["cifar10", "cifar100"],
+                   help="the class count to build (default: what the checkpoint says, else cifar10)")
+    p.add_argument("--data", help="dataset dir (default: the data.root the run was trained on)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,11 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke-test", action="store_true", help="tiny subset, one short epoch")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="test accuracy of a checkpoint (file, checkpoint dir, or run dir = best)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint.pt, a checkpoint dir, or a run dir")
-    p.add_argument("--data", help="dataset dir (default: the data.root the run was trained on)")
+    p = sub.add_parser("eval", help="test accuracy of a checkpoint or a weights file (strict loading)")
+    _add_model_source(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("export", help="write a model as a state dict, TorchScript or ONNX, and check its logits")
+    _add_model_source(p)
+    p.add_argument("--format", required=True, choices=["state_dict", "torchscript", "onnx"])
+    p.add_argument("--output", type=Path, help="file to write (default: <model>-<dataset>.{pt,ts.pt,onnx} here)")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("tensorboard", help="serve TensorBoard on a run dir or a sweep dir")
+    p.add_argument("dir", help="a run dir (runs/<name>) or a sweep dir")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    p.add_argument("--port", type=int, default=6006)
+    p.set_defaults(func=_tensorboard)
     return parser
 
 
@@ -111,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataNotFoundError, CheckpointError, RunError) as e:
+    except (ConfigError, DataNotFoundError, CheckpointError, RunError, WeightsError, ExportError, NoRunsError) as e:
         print(f"ray-resnet: error: {e}", file=sys.stderr)
         return 2
 

@@ -93,3 +93,15 @@ def write_torchvision_cifar(root, train_images, train_labels, test_images, test_
             },
         )
     return folder
+
+
+def trained_like(name="resnet20", num_classes=10, seed=0):
+    """A model whose weights and BN statistics differ from a fresh one, so a skipped key would show."""
+    from ray_resnet.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(name, num_classes)
+    model.train()
+    with torch.no_grad():  # one train-mode pass moves the BN running statistics away from 0 / 1
+        model(torch.randn(8, 3, 32, 32))
+    return model.eval()

@@ -1,0 +1,139 @@
+"""Load model weights from any file users have (pure PyTorch): a plain state dict, a ray-resnet checkpoint,
+or a file of the most used reproduction (github.com/akamaster/pytorch_resnet_cifar10), which saves
+`{"state_dict": DataParallel(model).state_dict(), "best_prec1": ...}`, so every key starts with `module.`.
+
+Loading is strict: a missing, unexpected or wrongly shaped key is an error naming the keys, never a partial load
+that silently evaluates at 10 %. Files are read with `torch.load(weights_only=True)`: no pickled code runs.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models import build_model, parse_model_name
+
+# Prefixes wrappers add to every key: nn.DataParallel / DDP ("module."), torch.compile ("_orig_mod.").
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# BatchNorm's step counter: files saved before PyTorch 0.4.1 lack it; torch sets it to 0 and eval never reads it.
+OPTIONAL_SUFFIX = ".num_batches_tracked"
+# How many key names an error message lists before it says "+N more".
+LISTED_KEYS = 12
+
+
+class WeightsError(ValueError):
+    """A weights file is unreadable, not a state dict, or does not fit the model; the message says which keys."""
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict with wrapper prefixes removed, info about the file: format, and model/dataset/epoch if known)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+        detail = detail.split(" was not an allowed global")[0][:200]  # drop torch's advice to allow it
+        if "Unsupported global" not in detail:  # garbage, not a pickle of objects
+            raise WeightsError(f"{path} is not a torch weights file ({detail}); expected "
+                               "a state dict, a ray-resnet checkpoint.pt, or a {'state_dict': ...} file") from None
+        # torch's own message suggests weights_only=False: exactly what must not happen with an untrusted file
+        raise WeightsError(
+            f"{path} holds pickled Python objects besides tensors ({detail}); they are refused as loading them could "
+            "run code: re-save it as a plain state dict (torch.save(model.state_dict(), FILE)) where it came from"
+        ) from None
+    except Exception as e:  # not a torch file, or truncated
+        raise WeightsError(
+            f"cannot read {path} as torch weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "expected a state dict, a ray-resnet checkpoint.pt, or a {'state_dict': ...} file saved with torch.save"
+        ) from None
+    info: dict = {"file": str(path)}
+    if isinstance(obj, dict) and "model" in obj and "config" in obj:
+        config = obj["config"]
+        info.update(format="ray-resnet checkpoint", model=config.get("model"), epoch=obj.get("epoch"),
+                    dataset=config.get("data", {}).get("dataset"), config=config)
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        info["format"] = "{'state_dict': ...} wrapper"
+        obj = obj["state_dict"]
+    else:
+        info["format"] = "state dict"
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        keys = list(obj)[:LISTED_KEYS] if isinstance(obj, dict) else type(obj).__name__
+        raise WeightsError(f"{path} holds no state dict (found {keys}); expected a dict of tensors, "
+                           "a ray-resnet checkpoint, or a {'state_dict': ...} file")
+    return strip_wrapper_prefixes(obj), info
+
+
+def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop a prefix that every key shares (`module.layer1.0.conv1.weight` -> `layer1.0.conv1.weight`)."""
+    for prefix in WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def architecture(state: dict[str, torch.Tensor]) -> tuple[int | None, int | None]:
+    """(depth, classes) of a CIFAR ResNet state dict: depth = 6n+2 from the n blocks of layer1, classes from
+    the head; None where the keys do not tell."""
+    blocks = {k.split(".")[1] for k in state if k.startswith("layer1.") and k.count(".") >= 2}
+    head = state.get("linear.weight")
+    return (6 * len(blocks) + 2 if blocks else None), (head.shape[0] if head is not None and head.dim() == 2 else None)
+
+
+def describe(state: dict[str, torch.Tensor]) -> str:
+    depth, classes = architecture(state)
+    head = f"{classes} classes (linear.weight {list(state['linear.weight'].shape)})" if classes else "no linear head"
+    return f"depth {depth or '?'}, {head}"
+
+
+def _listed(keys: list[str]) -> str:
+    more = f" (+{len(keys) - LISTED_KEYS} more)" if len(keys) > LISTED_KEYS else ""
+    return ", ".join(keys[:LISTED_KEYS]) + more
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "the weights") -> None:
+    """Strict load: every model key present with its shape, no extra keys; otherwise WeightsError, model untouched."""
+    expected = model.state_dict()
+    mismatch = [a != b for a, b in zip(architecture(state), architecture(expected)) if a and b]
+    if any(mismatch):  # another depth or class count: name both shapes, rather than list 300 keys
+        raise WeightsError(f"{source} are for a CIFAR ResNet of {describe(state)}, but the model has "
+                           f"{describe(expected)}: pick the matching --model / --dataset")
+    missing = sorted(k for k in expected.keys() - state.keys() if not k.endswith(OPTIONAL_SUFFIX))
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong = sorted(f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
+                   if k in state and state[k].shape != v.shape)
+    problems = [f"missing keys: {_listed(missing)}" if missing else "",
+                f"unexpected keys: {_listed(unexpected)}" if unexpected else "",
+                f"wrong shapes (file vs model): {_listed(wrong)}" if wrong else ""]
+    if any(problems):
+        raise WeightsError(f"{source} do not fit {type(model).__name__} ({describe(expected)}): "
+                           + "; ".join(p for p in problems if p) + ". Nothing was loaded")
+    # strict=True still fills a missing num_batches_tracked: a dict without version metadata counts as pre-0.4.1.
+    model.load_state_dict(state, strict=True)
+
+
+def model_from_weights(path: str | Path, model: str | None = None, dataset: str | None = None
+                       ) -> tuple[nn.Module, dict]:
+    """Build `model` for `dataset` (defaults: what a ray-resnet checkpoint says, else cifar10) and load the file."""
+    state, info = read_weights(path)
+    model = model or info.get("model")
+    if not model:
+        raise WeightsError(f"{path} is a {info['format']} that does not name its model: pass --model "
+                           f"(e.g. resnet20; the file has {describe(state)})")
+    from .data import NUM_CLASSES  # here, not at the top: torch.hub users need torch alone
+
+    dataset = dataset or info.get("dataset") or "cifar10"
+    try:
+        parse_model_name(model)
+    except ValueError as e:
+        raise WeightsError(str(e)) from None
+    if dataset not in NUM_CLASSES:
+        raise WeightsError(f"unknown dataset {dataset!r}; choose one of: {', '.join(NUM_CLASSES)}")
+    net = build_model(model, NUM_CLASSES[dataset])
+    load_weights(net, state, f"the weights in {path}")
+    return net, {**info, "model": model, "dataset": dataset}
