@@ -1,7 +1,7 @@
 """`ray-resnet report SWEEP_DIR`: the sweep's table beside the paper's Table 6, and Figure-6-style curves.
 
-Pure: reads the run dirs a sweep wrote (config.yaml, result.json when finished, Tune's progress.csv with one row
-per epoch) and writes report.md, report.csv and curves.png into the sweep dir. Works on a partial sweep: finished
+Pure: reads the run dirs a sweep wrote (config.yaml, result.json when finished, the per-epoch accuracies in tb/)
+and writes report.md, report.csv and curves.png into the sweep dir. Works on a partial sweep: finished
 runs make the table, every epoch run so far makes the curves.
 """
 
@@ -64,14 +64,30 @@ def read_runs(sweep_dir: Path) -> tuple[dict, list[Run]]:
         if result and result["epoch"] < result["epochs"]:
             result = None
         run = Run(run_dir.name, cfg, tuple(flat[k] for k in keys) if keys else (cfg.model,), result)
-        if (run_dir / "progress.csv").is_file():
-            with open(run_dir / "progress.csv", newline="") as f:
-                for row in csv.DictReader(f):  # a resumed trial may repeat epochs: the last report wins
-                    if row.get("epoch"):
-                        run.curve[int(float(row["epoch"]))] = {k: float(row[k]) for k in ("train_acc", "test_acc")}
+        run.curve = read_curve(run_dir / "tb")
         runs.append(run)
     sweep["group_keys"] = keys or ["model"]
     return sweep, runs
+
+
+def read_curve(tb_dir: Path) -> dict[int, dict]:
+    """epoch -> {"train_acc", "test_acc"} from the run's TensorBoard events; a resumed run's later event file
+    overrides the epochs a crashed attempt logged after its last checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curve: dict[int, dict] = {}
+    for events in sorted(tb_dir.glob("events.out.tfevents.*")):  # file names start with their creation time
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags = [(key, tag) for key, tag in (("train_acc", "train/acc"), ("test_acc", "test/acc"))
+                if tag in acc.Tags()["scalars"]]
+        file_curve: dict[int, dict] = {}
+        for key, tag in tags:
+            for event in acc.Scalars(tag):
+                file_curve.setdefault(event.step, {})[key] = event.value
+        if file_curve:  # a resumed attempt restarts at its checkpoint: drop what an earlier one logged from there
+            curve = {e: m for e, m in curve.items() if e < min(file_curve)} | file_curve
+    return {epoch: m for epoch, m in sorted(curve.items()) if len(m) == 2}
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:

@@ -11,6 +11,7 @@ A sweep file (configs/sweep_*.yaml) holds:
 
 Every trial is one Ray Train run (config.yaml, checkpoints, best/, tb/, result.json) in <sweep dir>/<trial name>/,
 the same dir Tune keeps the trial's progress.csv in, so `tensorboard --logdir <sweep dir>` shows one run per trial.
+Tune's own JSON and TensorBoard loggers are off: they would write a second result.json and TensorBoard run there.
 """
 
 from __future__ import annotations
@@ -127,14 +128,17 @@ def _parse_search(base: dict, search: dict) -> dict:
         else:
             if not (isinstance(args, list) and len(args) == 2):
                 raise SweepError(f"search.{key}.{kind}: expected [low, high], got {args!r}")
-            args = [float(a) if isinstance(a, str) else a for a in args]  # YAML 1.1 reads 1e-4 as a string
-            if not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args) or args[0] >= args[1]:
-                raise SweepError(f"search.{key}.{kind}: expected numbers low < high, got {args!r}")
+            try:  # Tune draws floats, except randint; YAML 1.1 reads 1e-4 (no dot) as a string
+                args = [(int if kind == "randint" else float)(a) for a in args]
+            except (TypeError, ValueError):
+                raise SweepError(f"search.{key}.{kind}: expected numbers [low, high], got {args!r}") from None
+            if args[0] >= args[1]:
+                raise SweepError(f"search.{key}.{kind}: expected low < high, got {args!r}")
             if kind == "loguniform" and args[0] <= 0:
                 raise SweepError(f"search.{key}.loguniform: low must be > 0, got {args[0]}")
             search[key] = {kind: args}
         for value in args:  # both bounds (or every choice) must be valid values of the key
-            _check_key(base, key, int(value) if kind == "randint" else value, "search")
+            _check_key(base, key, value, "search")
     return search
 
 
@@ -187,6 +191,8 @@ def _parse(raw: Any, path: Path, sets, extra: dict, name: str | None, storage: s
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise SweepError(f"grid.{key}: expected a non-empty list of values, got {values!r}")
+        if len({json.dumps(v) for v in values}) < len(values):  # trials of equal values would share a run dir
+            raise SweepError(f"grid.{key}: values repeat in {values!r}; list each once (num_samples repeats trials)")
         for value in values:
             _check_key(base, key, value, "grid")
     search = _parse_search(base, dict(_mapping(raw, "search")))
@@ -233,7 +239,6 @@ def _parse_scheduler(raw: Any) -> dict | None:
 def grid_configs(sweep: Sweep) -> list[Config]:
     """One config per grid point, with every sampled key at its first bound/choice (for checks before trials)."""
     lows = {k: next(iter(spec.values()))[0] for k, spec in sweep.search.items()}
-    lows = {k: int(v) if "randint" in sweep.search[k] else v for k, v in lows.items()}
     out = []
     for combo in itertools.product(*sweep.grid.values()):
         values = {**dict(zip(sweep.grid, combo)), **lows}
@@ -356,8 +361,11 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
     connect(address)
     max_concurrent = _max_concurrent(sweep)
     # Tune's own JSON and TensorBoard loggers would write a result.json and a second TensorBoard run into the
-    # trial dir, which is also the Train run dir: keep only its progress.csv (the per-epoch curves for `report`).
+    # trial dir, which is also the Train run dir: keep only its progress.csv.
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # A trial resumed after its Train run had saved the last epoch has nothing left to report; Tune's strict check
+    # would count that as an error.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # The trial function only waits on its TorchTrainer: a 1-byte memory bundle instead of Tune's default 1 CPU,
     # which on a small cluster would hold the CPUs the trial's own workers need (a deadlock).
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"memory": 1})
