@@ -375,9 +375,11 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
         sweep.dir.mkdir(parents=True, exist_ok=True)
         (sweep.dir / SWEEP_FILE).write_text(yaml.safe_dump(sweep.as_dict(), sort_keys=False))
         scheduler = None
-        if sweep.asha:  # time_attr "epoch": Tune's training_iteration restarts at 1 when a trial is resumed
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=max(c.schedule.epochs for c in grid_configs(sweep)),
-                                      **sweep.asha)
+        if sweep.asha:
+            # time_attr "epoch": Tune's training_iteration restarts at 1 when a trial is resumed. max_t one past the
+            # last epoch: ASHA stops every trial that reaches max_t, before it could write its result.json.
+            epochs = max(c.schedule.epochs for c in grid_configs(sweep))
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs + 1, **sweep.asha)
         tuner = tune.Tuner(
             trainable, param_space=_param_space(sweep),
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=sweep.num_samples,
