@@ -65,8 +65,10 @@ def _sweep(args: argparse.Namespace) -> int:
           f"{len(outcome['errors'])} failed (at most {outcome['max_concurrent_trials']} at once)")
     for error in outcome["errors"]:
         print(f"  failed: {error}")
-    if outcome["finished"] + len(outcome["errors"]) < outcome["trials"]:
-        print("unfinished trials (interrupted, or stopped early by ASHA) continue with the same command + --resume")
+    unfinished = outcome["trials"] - outcome["finished"] - len(outcome["errors"])
+    if unfinished:
+        print(f"{unfinished} trial(s) did not finish: stopped early by ASHA, or interrupted (those continue with the "
+              "same command + --resume)")
     print(f"sweep dir: {outcome['dir']}\nTensorBoard: tensorboard --logdir {outcome['dir']}\n"
           f"table and curves: ray-resnet report {outcome['dir']}")
     return 0

@@ -116,7 +116,7 @@ def test_grid_sweep_interrupted_resumed_and_reported(real_cifar_small, tmp_path,
     finished = {p.parent.name: (p.stat().st_mtime_ns, p.read_text()) for p in sweep_dir.glob("*/result.json")}
     assert 1 <= len(finished) < 4
     checkpoints = {name: sorted(p.name for p in (sweep_dir / name).glob("checkpoint_*")) for name in finished}
-    assert "continue with the same command + --resume" in capsys.readouterr().out
+    assert "interrupted (those continue with the same command + --resume)" in capsys.readouterr().out
 
     assert cli.main(args) == 2  # the same command without --resume refuses to touch the existing sweep
     assert "already exists: continue it with --resume" in capsys.readouterr().err
