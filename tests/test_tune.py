@@ -170,3 +170,52 @@ def test_asha_stops_a_bad_learning_rate_early(real_cifar_small, tmp_path):
     _, runs = read_runs(sweep.dir)
     assert {r.name: (r.epoch, bool(r.finished)) for r in runs} == {
         "resnet20-s0-lr=0.05": (2, True), "resnet20-s0-lr=1e-07": (1, False)}
+
+
+def _fake_run(sweep_dir, model, seed, test_accs, train_accs, epochs):
+    """A run dir as a sweep trial leaves it: config.yaml, tb/ per-epoch accuracies, result.json once finished."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from ray_resnet.config import from_dict, save_config
+
+    run_dir = sweep_dir / f"{model}-s{seed}"
+    run_dir.mkdir(parents=True)
+    save_config(from_dict({"model": model, "seed": seed, "schedule": {"epochs": epochs}}), run_dir / "config.yaml")
+    with SummaryWriter(str(run_dir / "tb")) as writer:
+        for epoch, (test, train) in enumerate(zip(test_accs, train_accs), start=1):
+            writer.add_scalar("test/acc", test, epoch)
+            writer.add_scalar("train/acc", train, epoch)
+    if len(test_accs) == epochs:
+        (run_dir / "result.json").write_text(
+            f'{{"epoch": {epochs}, "epochs": {epochs}, "final_test_acc": {test_accs[-1]}, "best_test_acc": 0}}')
+
+
+def test_report_of_a_partial_degradation_sweep(tmp_path):
+    sweep_dir = tmp_path / "degradation"
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(
+        {"name": "degradation", "grid": {"model": ["plain20", "plain56", "resnet20", "resnet56"], "seed": [0, 1]}}))
+    # final test errors: plain20 10/12, plain56 15, resnet20 9/8, resnet56 7 (+ resnet56-s1 stopped at epoch 1)
+    _fake_run(sweep_dir, "plain20", 0, [50, 90], [50, 95], 2)
+    _fake_run(sweep_dir, "plain20", 1, [52, 88], [52, 94], 2)
+    _fake_run(sweep_dir, "plain56", 0, [40, 85], [40, 90], 2)
+    _fake_run(sweep_dir, "resnet20", 0, [55, 91], [55, 96], 2)
+    _fake_run(sweep_dir, "resnet20", 1, [56, 92], [56, 95], 2)
+    _fake_run(sweep_dir, "resnet56", 0, [60, 93], [60, 98], 2)
+    _fake_run(sweep_dir, "resnet56", 1, [61], [61], 2)
+
+    assert cli.main(["report", str(sweep_dir)]) == 0
+    table = (sweep_dir / "report.md").read_text()
+    assert "6 of 8 trials finished" in table
+    assert "| plain20 | 269,722 | 2 | 11.00 ± 1.41 | 10.00 | — | — |" in table
+    assert "| resnet20 | 269,722 | 2 | 8.50 ± 0.71 | 8.00 | 8.75 | -0.25 |" in table
+    assert "| resnet56 | 853,018 | 1 | 7.00 ± — | 7.00 | 6.97 | +0.03 |" in table
+    assert "resnet56-s1 (1/2 epochs)" in table
+    assert "plain, depth: test / train error % — 20: 11.00 / 5.50, 56: 15.00 / 10.00 (deeper trains worse)" in table
+    assert "ResNet, depth: test / train error % — 20: 8.50 / 4.50, 56: 7.00 / 2.00 (deeper trains better)" in table
+    with open(sweep_dir / "report.csv") as f:
+        rows = {row["model"]: row for row in csv.DictReader(f)}
+    assert rows["resnet56"]["unfinished"] == "resnet56-s1 (1/2 epochs)" and rows["plain56"]["seeds"] == "1"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(sweep_dir / "curves.png").shape[1] > 1000  # two panels: plain and ResNet
