@@ -257,8 +257,9 @@ def plan_resources(cfg: Config) -> tuple[bool, dict[str, float], int]:
     places = worker_slots(bundle)
     if places < num_workers:
         have = ", ".join(f"{k}={total.get(k, 0):g}" for k in bundle)
-        raise RunError(f"{num_workers} worker(s) x {bundle} do not fit on this cluster ({have}; room for {places}): "
-                       "lower --num-workers or run.cpus_per_worker, or add nodes")
+        nodes = sum(1 for node in ray.nodes() if node["Alive"])
+        raise RunError(f"{num_workers} worker(s) x {bundle} do not fit on this cluster ({have} over {nodes} "
+                       f"node(s); room for {places}): lower --num-workers or run.cpus_per_worker, or add nodes")
     return use_gpu, bundle, int(bundle["CPU"])
 
 
