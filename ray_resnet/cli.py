@@ -58,7 +58,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.smoke_test:
         extra = tune.config_lib._merge(SMOKE_OVERRIDES, extra)
     sweep = tune.load_sweep(args.config, args.set, extra, name=args.name, storage=args.storage)
-    if args.smoke_test and not args.name:
+    if args.smoke_test:  # never resume or overwrite the real sweep of the same file
         sweep = dataclasses.replace(sweep, name=f"{sweep.name}-smoke")
     outcome = tune.run_sweep(sweep, resume=args.resume, address=args.address)
     print(f"sweep {sweep.name}: {outcome['finished']}/{outcome['trials']} trials finished, "
