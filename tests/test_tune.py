@@ -167,6 +167,7 @@ def test_asha_stops_a_bad_learning_rate_early(real_cifar_small, tmp_path):
     outcome = run_sweep(sweep)
     assert not outcome["errors"]
     assert outcome["finished"] == 1 and (sweep.dir / "resnet20-s0-lr=0.05" / "result.json").is_file()
+    assert {"optim.lr", "model", "seed"} <= _hparam_names(sweep.dir / "resnet20-s0-lr=0.05")  # swept keys in HParams
     _, runs = read_runs(sweep.dir)
     assert {r.name: (r.epoch, bool(r.finished)) for r in runs} == {
         "resnet20-s0-lr=0.05": (2, True), "resnet20-s0-lr=1e-07": (1, False)}
