@@ -1,10 +1,11 @@
-"""`ray-resnet` command line: train, eval, export, tensorboard.
+"""`ray-resnet` command line: train, sweep, report, eval, export, tensorboard.
 
 Errors users can fix print one line and exit with status 2."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -76,6 +77,38 @@ def _test_images(args: argparse.Namespace, info: dict):
         raise DataNotFoundError(f"{info['file']} does not say where its data is: pass --data DIR "
                                 f"(a dir with the {info['dataset']} parquet files or torchvision's pickles)")
     return load_cifar(root, "test", info["dataset"], False, config.get("data", {}).get("cache_dir")), config
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from . import tune
+
+    extra = {"data": {"root": args.data}} if args.data else {}
+    if args.smoke_test:
+        extra = tune.config_lib._merge(SMOKE_OVERRIDES, extra)
+    sweep = tune.load_sweep(args.config, args.set, extra, name=args.name, storage=args.storage)
+    if args.smoke_test:  # never resume or overwrite the real sweep of the same file
+        sweep = dataclasses.replace(sweep, name=f"{sweep.name}-smoke")
+    outcome = tune.run_sweep(sweep, resume=args.resume, address=args.address)
+    print(f"sweep {sweep.name}: {outcome['finished']}/{outcome['trials']} trials finished, "
+          f"{len(outcome['errors'])} failed (at most {outcome['max_concurrent_trials']} at once)")
+    for error in outcome["errors"]:
+        print(f"  failed: {error}")
+    unfinished = outcome["trials"] - outcome["finished"] - len(outcome["errors"])
+    if unfinished:
+        print(f"{unfinished} trial(s) did not finish: stopped early by ASHA, or interrupted (those continue with the "
+              "same command + --resume)")
+    print(f"sweep dir: {outcome['dir']}\nTensorBoard: tensorboard --logdir {outcome['dir']}\n"
+          f"table and curves: ray-resnet report {outcome['dir']}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    paths = write_report(args.sweep_dir)
+    print(paths["markdown"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -164,6 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke-test", action="store_true", help="tiny subset, one short epoch")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("sweep", help="run (or --resume) a Ray Tune sweep file: grid and/or search over config keys")
+    p.add_argument("-c", "--config", type=Path, required=True, help="sweep file (configs/sweep_*.yaml)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep: finished trials are kept")
+    p.add_argument("--data", help="dataset dir for every trial (data.root)")
+    p.add_argument("--name", help="sweep name (default: the file's name:); the sweep dir is <storage>/<name>")
+    p.add_argument("--storage", help="where sweep dirs go (default: the file's storage:, else runs/sweeps)")
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local embedded Ray)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key of every trial, e.g. --set schedule.epochs=50 (repeatable)")
+    p.add_argument("--smoke-test", action="store_true", help="every trial on a tiny subset for one short epoch")
+    p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("report", help="report.md, report.csv and curves.png of a sweep dir (vs the paper's Table 6)")
+    p.add_argument("sweep_dir", type=Path, help="a sweep dir, e.g. runs/sweeps/table6")
+    p.set_defaults(func=_report)
+
     p = sub.add_parser("eval", help="test accuracy of a checkpoint or a weights file (strict loading)")
     _add_model_source(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -185,11 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .report import ReportError
     from .train import RunError
+    from .tune import SweepError
 
     try:
         return args.func(args)
-    except (ConfigError, DataNotFoundError, CheckpointError, RunError, WeightsError, ExportError, NoRunsError) as e:
+    except (ConfigError, DataNotFoundError, CheckpointError, RunError, SweepError, ReportError, WeightsError,
+            ExportError, NoRunsError) as e:
         print(f"ray-resnet: error: {e}", file=sys.stderr)
         return 2
 

@@ -61,6 +61,7 @@ class RunConfig:
     num_workers: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs when the cluster has enough
     cpus_per_worker: int | None = None  # None: on CPU all cluster CPUs split evenly, on GPU 1
+    gpus_per_worker: float = 1.0  # on GPU; 0.25 packs four small-ResNet workers (sweep trials) on one GPU
     checkpoint_every: int = 1  # epochs
     keep_checkpoints: int = 2  # the latest K epoch checkpoints; the best one is kept apart
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before giving up

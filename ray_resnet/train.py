@@ -80,13 +80,14 @@ def _log_epoch(writer, metrics: dict, epoch: int) -> None:
     writer.flush()
 
 
-def _log_hparams(writer, cfg: Config, params: int, metrics: dict) -> None:
+def _log_hparams(writer, cfg: Config, params: int, metrics: dict, extra: dict) -> None:
     from torch.utils.tensorboard.summary import hparams
 
     depth, shortcut = parse_model_name(cfg.model)
     hp = {"model": cfg.model, "depth": depth, "shortcut": str(shortcut), "params": params, "seed": cfg.seed,
           "dataset": cfg.data.dataset, "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay,
-          "batch_size": cfg.optim.batch_size, "epochs": cfg.schedule.epochs, "num_workers": cfg.run.num_workers}
+          "batch_size": cfg.optim.batch_size, "epochs": cfg.schedule.epochs, "num_workers": cfg.run.num_workers,
+          **extra}
     results = {"hparam/final_test_acc": metrics["test_acc"], "hparam/best_test_acc": metrics["best_test_acc"]}
     for summary in hparams(hp, results):
         writer.file_writer.add_summary(summary)
@@ -189,7 +190,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray_checkpoint)
     if writer:
         if start_epoch < epochs:
-            _log_hparams(writer, cfg, params, metrics)
+            _log_hparams(writer, cfg, params, metrics, loop_config.get("hparams", {}))
         writer.close()
 
 
@@ -276,20 +277,31 @@ def plan_resources(cfg: Config) -> tuple[bool, dict[str, float], int]:
     num_workers = cfg.run.num_workers
     use_gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and total.get("GPU", 0) > 0)
     if use_gpu:
-        bundle = {"CPU": cfg.run.cpus_per_worker or 1, "GPU": 1}
+        bundle = {"CPU": cfg.run.cpus_per_worker or 1, "GPU": cfg.run.gpus_per_worker}
     else:
         bundle = {"CPU": cfg.run.cpus_per_worker or max(1, int(total.get("CPU", 1)) // num_workers)}
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    places = sum(min(int(node.get(k, 0) // v) for k, v in bundle.items()) for node in nodes)
+    places = worker_slots(bundle)
     if places < num_workers:
         have = ", ".join(f"{k}={total.get(k, 0):g}" for k in bundle)
-        raise RunError(f"{num_workers} worker(s) x {bundle} do not fit on this cluster ({have} over {len(nodes)} "
+        nodes = sum(1 for node in ray.nodes() if node["Alive"])
+        raise RunError(f"{num_workers} worker(s) x {bundle} do not fit on this cluster ({have} over {nodes} "
                        f"node(s); room for {places}): lower --num-workers or run.cpus_per_worker, or add nodes")
     return use_gpu, bundle, int(bundle["CPU"])
 
 
-def run_training(cfg: Config, address: str | None = None) -> dict:
-    """Train (or resume) the run `cfg.run.name`; returns the summary also written to result.json."""
+def worker_slots(bundle: dict[str, float]) -> int:
+    """How many workers of `bundle` the cluster's live nodes can hold at once (a worker never spans nodes)."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    return sum(min(int(node.get(k, 0) // v) for k, v in bundle.items()) for node in nodes)
+
+
+def run_training(cfg: Config, address: str | None = None, callbacks: list | None = None,
+                 hparams: dict | None = None) -> dict:
+    """Train (or resume) the run `cfg.run.name`; returns the summary also written to result.json.
+
+    `callbacks`: Ray Train user callbacks (a sweep trial forwards reports to Tune); `hparams`: extra entries of the
+    TensorBoard HParams record (a sweep trial's swept keys).
+    """
     cfg = resolve_run(cfg)
     run_dir = Path(cfg.run.storage) / cfg.run.name
     finished = previous_result(cfg)
@@ -307,11 +319,11 @@ def run_training(cfg: Config, address: str | None = None) -> dict:
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_lib.to_dict(cfg), "run_dir": str(run_dir),
-                           "data": ray.put(arrays), "threads": threads},
+                           "data": ray.put(arrays), "threads": threads, "hparams": hparams or {}},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=bundle),
         run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=cfg.run.storage,
+            name=cfg.run.name, storage_path=cfg.run.storage, callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # INFO repeats every metrics dict
@@ -328,5 +340,6 @@ def run_training(cfg: Config, address: str | None = None) -> dict:
         "run_dir": str(run_dir), "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "best_checkpoint": str(run_dir / "best"),
     }
-    (run_dir / "result.json").write_text(json.dumps(summary, indent=2))
+    # One line: in a sweep the run dir is also the Tune trial dir, whose result.json Tune reads as JSON lines.
+    (run_dir / "result.json").write_text(json.dumps(summary) + "\n")
     return summary

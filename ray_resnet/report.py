@@ -1,0 +1,221 @@
+"""`ray-resnet report SWEEP_DIR`: the sweep's table beside the paper's Table 6, and Figure-6-style curves.
+
+Pure: reads the run dirs a sweep wrote (config.yaml, result.json when finished, the per-epoch accuracies in tb/)
+and writes report.md, report.csv and curves.png into the sweep dir. Works on a partial sweep: finished
+runs make the table, every epoch run so far makes the curves.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import config as config_lib
+from .config import Config
+from .data import NUM_CLASSES
+from .models import build_model, count_parameters, parse_model_name
+from .tune import SWEEP_FILE, flatten
+
+# He et al. 2015, Table 6: CIFAR-10 test error (%). resnet110 is the best of 5 runs (mean 6.61 +- 0.16).
+PAPER_ERROR = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97, "resnet110": 6.43,
+               "resnet1202": 7.93}
+PAPER_NOTE = {"resnet110": "6.43 (6.61 ± 0.16)"}
+FAMILY = {"A": "ResNet", "B": "ResNet, option B", None: "plain"}
+
+
+class ReportError(ValueError):
+    """The directory is not a sweep dir (or holds no runs); the message says what was expected."""
+
+
+@dataclass
+class Run:
+    name: str
+    cfg: Config
+    group: tuple  # the swept values other than the seed: runs of one group differ only by seed
+    finished: dict | None  # result.json of a finished run
+    curve: dict[int, dict] = field(default_factory=dict)  # epoch -> that epoch's metrics
+
+    @property
+    def epoch(self) -> int:
+        return max(self.curve, default=0)
+
+
+def read_runs(sweep_dir: Path) -> tuple[dict, list[Run]]:
+    sweep_dir = Path(sweep_dir)
+    if not (sweep_dir / SWEEP_FILE).is_file():
+        hint = (" (it is one training run: see its result.json and tb/)" if (sweep_dir / "config.yaml").is_file()
+                else "" if sweep_dir.is_dir() else " (it does not exist)")
+        raise ReportError(f"{sweep_dir} is not a sweep dir{hint}: expected {SWEEP_FILE} and one run dir per trial, "
+                          "as `ray-resnet sweep` writes them (e.g. runs/sweeps/table6)")
+    sweep = yaml.safe_load((sweep_dir / SWEEP_FILE).read_text())
+    keys = [k for k in [*(sweep.get("grid") or {}), *(sweep.get("search") or {})] if k != "seed"]
+    runs = []
+    for config_file in sorted(sweep_dir.glob("*/config.yaml")):
+        run_dir = config_file.parent
+        cfg = config_lib.from_dict(yaml.safe_load(config_file.read_text()))
+        flat = flatten(config_lib.to_dict(cfg))
+        result_file = run_dir / "result.json"
+        result = json.loads(result_file.read_text()) if result_file.is_file() else None
+        if result and result["epoch"] < result["epochs"]:
+            result = None
+        run = Run(run_dir.name, cfg, tuple(flat[k] for k in keys) if keys else (cfg.model,), result)
+        run.curve = read_curve(run_dir / "tb")
+        runs.append(run)
+    sweep["group_keys"] = keys or ["model"]
+    return sweep, runs
+
+
+def read_curve(tb_dir: Path) -> dict[int, dict]:
+    """epoch -> {"train_acc", "test_acc"} from the run's TensorBoard events; a resumed run's later event file
+    overrides the epochs a crashed attempt logged after its last checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curve: dict[int, dict] = {}
+    for events in sorted(tb_dir.glob("events.out.tfevents.*")):  # file names start with their creation time
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags = [(key, tag) for key, tag in (("train_acc", "train/acc"), ("test_acc", "test/acc"))
+                if tag in acc.Tags()["scalars"]]
+        file_curve: dict[int, dict] = {}
+        for key, tag in tags:
+            for event in acc.Scalars(tag):
+                file_curve.setdefault(event.step, {})[key] = event.value
+        if file_curve:  # a resumed attempt restarts at its checkpoint: drop what an earlier one logged from there
+            curve = {e: m for e, m in curve.items() if e < min(file_curve)} | file_curve
+    return {epoch: m for epoch, m in sorted(curve.items()) if len(m) == 2}
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarize(runs: list[Run]) -> list[dict]:
+    """One row per group (e.g. per model): final test error over its finished seeds, beside the paper's."""
+    rows = []
+    params: dict[tuple, int] = {}
+    for group in dict.fromkeys(r.group for r in runs):
+        members = [r for r in runs if r.group == group]
+        cfg = members[0].cfg
+        key = (cfg.model, cfg.data.dataset)
+        if key not in params:
+            params[key] = count_parameters(build_model(cfg.model, NUM_CLASSES[cfg.data.dataset]))
+        done = [r for r in members if r.finished]
+        errors = [100 - r.finished["final_test_acc"] for r in done]
+        train_errors = [100 - r.curve[r.epoch]["train_acc"] for r in done if r.curve]
+        mean, std = _mean_std(errors)
+        paper = PAPER_ERROR.get(cfg.model) if cfg.data.dataset == "cifar10" else None
+        rows.append({
+            "group": group, "model": cfg.model, "params": params[key], "seeds": len(done),
+            "unfinished": [f"{r.name} ({r.epoch}/{r.cfg.schedule.epochs} epochs)" for r in members if not r.finished],
+            "final_error_mean": mean, "final_error_std": std, "best_final_error": min(errors, default=None),
+            "final_train_error_mean": _mean_std(train_errors)[0],
+            "paper_error": paper, "diff_vs_paper": None if mean is None or paper is None else mean - paper,
+        })
+    return rows
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _markdown(sweep: dict, sweep_dir: Path, runs: list[Run], rows: list[dict]) -> str:
+    expected = sweep.get("num_samples", 1)
+    for values in (sweep.get("grid") or {}).values():
+        expected *= len(values)
+    keys = sweep["group_keys"]
+    lines = [f"# Sweep `{sweep['name']}`", "",
+             f"{sum(1 for r in runs if r.finished)} of {expected} trials finished ({sweep_dir}). "
+             "Errors are CIFAR test errors in %, final = after the last epoch; mean ± std over the finished seeds; "
+             "best = the lowest final error of those seeds; diff = mean − paper (percentage points).", "",
+             "| " + " | ".join([*keys, "params", "seeds", "final error", "best", "paper (Table 6)", "diff"]) + " |",
+             "|" + "---|" * (len(keys) + 6)]
+    for row in rows:
+        error = f"{_fmt(row['final_error_mean'])} ± {_fmt(row['final_error_std'])}"
+        paper = PAPER_NOTE.get(row["model"], _fmt(row["paper_error"]))
+        lines.append("| " + " | ".join([*(str(v) for v in row["group"]), f"{row['params']:,}", str(row["seeds"]),
+                                        error, _fmt(row["best_final_error"]), paper,
+                                        _fmt(row["diff_vs_paper"], "+.2f")]) + " |")
+    unfinished = [u for row in rows for u in row["unfinished"]]
+    if unfinished:
+        lines += ["", "Not finished (interrupted, running, or stopped early by ASHA): " + ", ".join(unfinished) + "."]
+    lines += _depth_trends(rows)
+    lines += ["", "![test error vs epoch](curves.png)", ""]
+    return "\n".join(lines)
+
+
+def _depth_trends(rows: list[dict]) -> list[str]:
+    """The degradation check of Figure 6: how final errors move with depth within each shortcut family."""
+    families: dict = {}
+    for row in rows:
+        if row["final_error_mean"] is not None and len(row["group"]) == 1:
+            depth, shortcut = parse_model_name(row["model"])
+            families.setdefault(shortcut, []).append((depth, row))
+    lines = []
+    for shortcut, members in families.items():
+        if len(members) < 2:
+            continue
+        members.sort(key=lambda m: m[0])
+        trend = ", ".join(f"{d}: {_fmt(r['final_error_mean'])} / {_fmt(r['final_train_error_mean'])}"
+                          for d, r in members)
+        deeper = members[-1][1]["final_train_error_mean"], members[0][1]["final_train_error_mean"]
+        verdict = "" if None in deeper else ("deeper trains worse" if deeper[0] > deeper[1] else "deeper trains better")
+        lines.append(f"- {FAMILY[shortcut]}, depth: test / train error % — {trend}" + (f" ({verdict})" if verdict else ""))
+    return ["", "Depth trend (final errors, mean over finished seeds):", *lines] if lines else []
+
+
+def plot_curves(runs: list[Run], path: Path) -> None:
+    """Test error (bold) and training error (dashed) vs epoch, mean over seeds with min–max shading; one panel
+    per shortcut family, as in the paper's Figure 6 (plain left, ResNet middle)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    families = sorted({parse_model_name(r.cfg.model)[1] for r in runs}, key=lambda s: (s is not None, s or ""))
+    fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.5), squeeze=False)
+    for ax, shortcut in zip(axes[0], families):
+        members = [r for r in runs if parse_model_name(r.cfg.model)[1] == shortcut and r.curve]
+        for group in dict.fromkeys(r.group for r in members):
+            seeds = [r for r in members if r.group == group]
+            epochs = sorted({e for r in seeds for e in r.curve})
+            test = [[100 - r.curve[e]["test_acc"] for r in seeds if e in r.curve] for e in epochs]
+            train = [statistics.fmean(100 - r.curve[e]["train_acc"] for r in seeds if e in r.curve) for e in epochs]
+            label = " ".join(str(v) for v in group) + f" (n={len(seeds)})"
+            (line,) = ax.plot(epochs, [statistics.fmean(t) for t in test], linewidth=2, marker=".", label=label)
+            ax.fill_between(epochs, [min(t) for t in test], [max(t) for t in test], color=line.get_color(), alpha=0.2)
+            ax.plot(epochs, train, linestyle="--", linewidth=1, color=line.get_color())
+        ax.set(title=FAMILY[shortcut], xlabel="epoch", ylabel="error (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle("CIFAR test error (bold, mean over seeds, min–max shaded) and training error (dashed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(sweep_dir: str | Path) -> dict[str, Path]:
+    sweep_dir = Path(sweep_dir)
+    sweep, runs = read_runs(sweep_dir)
+    if not runs:
+        raise ReportError(f"{sweep_dir} holds no trial runs yet (no */config.yaml): wait for the sweep's first "
+                          "trials to start")
+    rows = summarize(runs)
+    paths = {"markdown": sweep_dir / "report.md", "csv": sweep_dir / "report.csv", "curves": sweep_dir / "curves.png"}
+    paths["markdown"].write_text(_markdown(sweep, sweep_dir, runs, rows))
+    with open(paths["csv"], "w", newline="") as f:
+        keys = sweep["group_keys"]
+        columns = ["params", "seeds", "final_error_mean", "final_error_std", "best_final_error",
+                   "final_train_error_mean", "paper_error", "diff_vs_paper", "unfinished"]
+        writer = csv.writer(f)
+        writer.writerow([*keys, *columns])
+        for row in rows:
+            writer.writerow([*row["group"], *(";".join(row[c]) if c == "unfinished" else row[c] for c in columns)])
+    plot_curves(runs, paths["curves"])
+    return paths

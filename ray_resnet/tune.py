@@ -1,0 +1,396 @@
+"""The Ray Tune edge: a sweep file becomes a Tune run whose trials each train through `train.run_training`.
+
+A sweep file (configs/sweep_*.yaml) holds:
+  name, storage   the sweep dir is <storage>/<name> (default runs/sweeps/<file stem without "sweep_">)
+  config          overrides of the reference recipe shared by every trial, as in a config YAML
+  grid            dotted config key -> list of values; every combination is a trial
+  search          dotted config key -> {uniform|loguniform|randint: [low, high]} or {choice: [...]}
+  num_samples     draws of `search` per grid point (default 1)
+  scheduler       {asha: {grace_period: epochs, reduction_factor: r}}: stop weak trials early on test accuracy
+  resources       workers_per_trial, cpus_per_worker, gpus_per_worker (fractions share a GPU), max_concurrent_trials
+
+Every trial is one Ray Train run (config.yaml, checkpoints, best/, tb/, result.json) in <sweep dir>/<trial name>/,
+the same dir Tune keeps the trial's progress.csv in, so `tensorboard --logdir <sweep dir>` shows one run per trial.
+Tune's own JSON and TensorBoard loggers are off: they would write a second result.json and TensorBoard run there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import config as config_lib
+from .config import Config, ConfigError
+
+SWEEP_FILE = "sweep.yaml"  # the resolved sweep, written into the sweep dir: what `--resume` and `report` read
+METRIC, MODE = "test_acc", "max"
+TOP_KEYS = ("name", "storage", "config", "grid", "search", "num_samples", "scheduler", "resources")
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
+ASHA_KEYS = ("grace_period", "reduction_factor")
+# resources key -> the config key it sets in every trial
+RESOURCE_KEYS = {"workers_per_trial": "run.num_workers", "cpus_per_worker": "run.cpus_per_worker",
+                 "gpus_per_worker": "run.gpus_per_worker", "max_concurrent_trials": None}
+NAMED_PER_TRIAL = ("run.name", "run.storage")  # the sweep sets these for every trial
+
+
+class SweepError(ValueError):
+    """A sweep file or sweep dir is wrong; the message names the key or path and what to do."""
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    storage: str  # absolute
+    base: dict  # config overrides shared by all trials (resources and run paths included)
+    grid: dict  # dotted key -> list of values
+    search: dict  # dotted key -> {distribution: args}
+    num_samples: int
+    asha: dict | None
+    max_concurrent_trials: int | None
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.storage) / self.name
+
+    @property
+    def swept(self) -> list[str]:
+        return [*self.grid, *self.search]
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "storage": self.storage, "config": self.base, "grid": self.grid,
+                "search": self.search, "num_samples": self.num_samples,
+                "scheduler": {"asha": self.asha} if self.asha else None,
+                "resources": {"max_concurrent_trials": self.max_concurrent_trials}}
+
+
+def flatten(nested: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}"""
+    out = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def nest(dotted: dict) -> dict:
+    """{"optim.lr": 0.1} -> {"optim": {"lr": 0.1}}"""
+    out: dict = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def trial_config(sweep: Sweep, values: dict) -> Config:
+    """The config of the trial with swept `values` (dotted key -> value); raises ConfigError naming the key."""
+    return config_lib.from_dict(config_lib._merge(sweep.base, nest(values)))
+
+
+def _check_key(sweep_base: dict, key: Any, value: Any, where: str) -> None:
+    if not isinstance(key, str) or not key:
+        raise SweepError(f"{where}: expected dotted config keys (e.g. optim.lr), got {key!r}")
+    if key in NAMED_PER_TRIAL:
+        raise SweepError(f"{where}.{key}: the sweep names and places every trial itself; sweep other keys")
+    try:
+        config_lib.from_dict(config_lib._merge(sweep_base, nest({key: value})))
+    except ConfigError as e:
+        raise SweepError(f"{where}.{key}: {e}") from None
+
+
+def _mapping(raw: dict, key: str) -> dict:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise SweepError(f"{key}: expected a mapping, got {value!r}")
+    return value
+
+
+def _parse_search(base: dict, search: dict) -> dict:
+    for key, spec in search.items():
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise SweepError(f"search.{key}: expected one of {{{', '.join(d + ': ...' for d in DISTRIBUTIONS)}}}, "
+                             f"got {spec!r}")
+        kind, args = next(iter(spec.items()))
+        if kind == "choice":
+            if not isinstance(args, list) or not args:
+                raise SweepError(f"search.{key}.choice: expected a non-empty list of values, got {args!r}")
+        else:
+            if not (isinstance(args, list) and len(args) == 2):
+                raise SweepError(f"search.{key}.{kind}: expected [low, high], got {args!r}")
+            try:  # Tune draws floats, except randint; YAML 1.1 reads 1e-4 (no dot) as a string
+                args = [(int if kind == "randint" else float)(a) for a in args]
+            except (TypeError, ValueError):
+                raise SweepError(f"search.{key}.{kind}: expected numbers [low, high], got {args!r}") from None
+            if args[0] >= args[1]:
+                raise SweepError(f"search.{key}.{kind}: expected low < high, got {args!r}")
+            if kind == "loguniform" and args[0] <= 0:
+                raise SweepError(f"search.{key}.loguniform: low must be > 0, got {args[0]}")
+            search[key] = {kind: args}
+        for value in args:  # both bounds (or every choice) must be valid values of the key
+            _check_key(base, key, value, "search")
+    return search
+
+
+def load_sweep(path: str | Path, sets: list[str] = (), extra: dict | None = None, name: str | None = None,
+               storage: str | None = None) -> Sweep:
+    """Read and validate a sweep file; `sets`/`extra` override its `config:` like `ray-resnet train --set`."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file {path} not found; the shipped ones are configs/sweep_*.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SweepError(f"{path} is not valid YAML: {e}".splitlines()[0]) from None
+    try:
+        return _parse(raw, path, sets, extra or {}, name, storage)
+    except (SweepError, ConfigError) as e:
+        raise SweepError(f"{path}: {e}") from None
+
+
+def _parse(raw: Any, path: Path, sets, extra: dict, name: str | None, storage: str | None) -> Sweep:
+    if not isinstance(raw, dict):
+        raise SweepError("expected a mapping with keys " + ", ".join(TOP_KEYS))
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        raise SweepError(f"unknown key '{unknown[0]}'; valid keys: {', '.join(TOP_KEYS)}")
+
+    base = config_lib._merge(_mapping(raw, "config"), extra)
+    for assignment in sets:
+        base = config_lib._merge(base, config_lib.parse_set(assignment))
+    resources = _mapping(raw, "resources")
+    unknown = sorted(set(resources) - set(RESOURCE_KEYS))
+    if unknown:
+        raise SweepError(f"unknown key 'resources.{unknown[0]}'; valid keys: "
+                         + ", ".join(f"resources.{k}" for k in RESOURCE_KEYS))
+    for key, config_key in RESOURCE_KEYS.items():
+        if config_key and key in resources:
+            base = config_lib._merge(base, nest({config_key: resources[key]}))
+    for key in NAMED_PER_TRIAL:
+        if flatten(base).get(key) is not None:
+            raise SweepError(f"config.{key}: the sweep names and places every trial itself; "
+                             "set the sweep's name/storage (or --name/--storage) instead")
+    base_cfg = config_lib.from_dict(base)  # names the bad key; also checks the resources' types
+    base = config_lib._merge(base, {"data": {"root": str(Path(base_cfg.data.root).expanduser().resolve()),
+                                             "cache_dir": _cache_dir(base_cfg)}})
+    max_concurrent = resources.get("max_concurrent_trials")
+    if max_concurrent is not None and (not isinstance(max_concurrent, int) or max_concurrent < 1):
+        raise SweepError(f"resources.max_concurrent_trials: expected an int >= 1 or null, got {max_concurrent!r}")
+
+    grid = _mapping(raw, "grid")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"grid.{key}: expected a non-empty list of values, got {values!r}")
+        if len({json.dumps(v) for v in values}) < len(values):  # trials of equal values would share a run dir
+            raise SweepError(f"grid.{key}: values repeat in {values!r}; list each once (num_samples repeats trials)")
+        for value in values:
+            _check_key(base, key, value, "grid")
+    search = _parse_search(base, dict(_mapping(raw, "search")))
+    both = sorted(set(grid) & set(search))
+    if both:
+        raise SweepError(f"{both[0]} is in both grid and search; sweep each key in one of them")
+
+    num_samples = raw.get("num_samples", 1)
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise SweepError(f"num_samples: expected an int >= 1, got {num_samples!r}")
+    asha = _parse_scheduler(raw.get("scheduler"))
+
+    sweep = Sweep(name=name or raw.get("name") or path.stem.removeprefix("sweep_"),
+                  storage=str(Path(storage or raw.get("storage") or "runs/sweeps").expanduser().resolve()),
+                  base=base, grid=grid, search=search, num_samples=num_samples, asha=asha,
+                  max_concurrent_trials=max_concurrent)
+    grid_configs(sweep)  # combinations may be invalid even where every value is valid alone
+    return sweep
+
+
+def _cache_dir(cfg: Config) -> str:
+    """Resolved in the driver so every trial process reads the one cache, whatever its environment."""
+    cache = cfg.data.cache_dir or os.environ.get("RAY_RESNET_CACHE") or "~/.cache/ray_resnet"
+    return str(Path(cache).expanduser().resolve())
+
+
+def _parse_scheduler(raw: Any) -> dict | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"asha"} or not isinstance(raw["asha"] or {}, dict):
+        raise SweepError(f"scheduler: expected null or {{asha: {{{', '.join(ASHA_KEYS)}}}}}, got {raw!r}")
+    asha = {"grace_period": 1, "reduction_factor": 2, **(raw["asha"] or {})}
+    unknown = sorted(set(asha) - set(ASHA_KEYS))
+    if unknown:
+        raise SweepError(f"unknown key 'scheduler.asha.{unknown[0]}'; valid keys: "
+                         + ", ".join(f"scheduler.asha.{k}" for k in ASHA_KEYS))
+    if not isinstance(asha["grace_period"], int) or asha["grace_period"] < 1:
+        raise SweepError(f"scheduler.asha.grace_period: expected epochs >= 1, got {asha['grace_period']!r}")
+    if not isinstance(asha["reduction_factor"], (int, float)) or asha["reduction_factor"] <= 1:
+        raise SweepError(f"scheduler.asha.reduction_factor: expected a number > 1, got {asha['reduction_factor']!r}")
+    return asha
+
+
+def grid_configs(sweep: Sweep) -> list[Config]:
+    """One config per grid point, with every sampled key at its first bound/choice (for checks before trials)."""
+    lows = {k: next(iter(spec.values()))[0] for k, spec in sweep.search.items()}
+    out = []
+    for combo in itertools.product(*sweep.grid.values()):
+        values = {**dict(zip(sweep.grid, combo)), **lows}
+        try:
+            out.append(trial_config(sweep, values))
+        except ConfigError as e:
+            raise SweepError(f"grid point {values}: {e}") from None
+    return out
+
+
+def trial_count(sweep: Sweep) -> int:
+    return math.prod(len(v) for v in sweep.grid.values()) * sweep.num_samples
+
+
+def trial_name(sweep: Sweep, values: dict, trial_id: str) -> str:
+    """Readable and unique: <model>-s<seed>[-<key>=<value>...][-<trial index> where values are sampled]."""
+    cfg = trial_config(sweep, values)
+    parts = [cfg.model, f"s{cfg.seed}"]
+    for key in sweep.swept:
+        if key not in ("model", "seed"):
+            value = values[key]
+            parts.append(f"{key.split('.')[-1]}={value:.3g}" if isinstance(value, float) else
+                         f"{key.split('.')[-1]}={value}")
+    if sweep.search or sweep.num_samples > 1:
+        parts.append(trial_id.rsplit("_", 1)[-1])  # Tune's per-experiment trial counter, e.g. 00003
+    return "-".join(str(p).replace("/", "_").replace(" ", "") for p in parts)
+
+
+def _flat_values(sweep: Sweep, trial_space: dict) -> dict:
+    flat = flatten(trial_space)
+    return {key: flat[key] for key in sweep.swept}
+
+
+class TrialDirname:
+    """Tune's trial_dirname_creator: the trial's Tune dir is also its Train run dir (picklable for --resume)."""
+
+    def __init__(self, sweep: Sweep):
+        self.sweep = sweep
+
+    def __call__(self, trial) -> str:
+        return trial_name(self.sweep, _flat_values(self.sweep, trial.config), trial.trial_id)
+
+
+def run_trial(trial_space: dict, sweep: Sweep) -> None:
+    """One Tune trial: a full `ray-resnet train` run whose per-epoch reports also go to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from .train import run_training
+
+    values = _flat_values(sweep, trial_space)
+    name = trial_name(sweep, values, ray.tune.get_context().get_trial_id())
+    cfg = config_lib.replace(trial_config(sweep, values), run={"name": name, "storage": str(sweep.dir)})
+    hparams = {k: v if isinstance(v, (str, bool, int, float)) else str(v) for k, v in values.items()}
+    run_training(cfg, callbacks=[TuneReportCallback()], hparams=hparams)
+
+
+def _param_space(sweep: Sweep) -> dict:
+    from ray import tune
+
+    space = {key: tune.grid_search(values) for key, values in sweep.grid.items()}
+    for key, spec in sweep.search.items():
+        kind, args = next(iter(spec.items()))
+        space[key] = tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
+    return nest(space)
+
+
+def _max_concurrent(sweep: Sweep) -> int:
+    """Trials that fit at once: each trial's worker group has its own placement group outside the trial's own
+    (tiny) resources, so Tune must not start more trials than the cluster has room for their workers."""
+    from .train import RunError, plan_resources, worker_slots
+
+    fits = []
+    for cfg in grid_configs(sweep):
+        try:
+            _, bundle, _ = plan_resources(cfg)
+        except RunError as e:
+            raise SweepError(f"one trial cannot fit on this cluster: {e}; lower resources.workers_per_trial / "
+                             "cpus_per_worker / gpus_per_worker in the sweep file, or add nodes") from None
+        fits.append(worker_slots(bundle) // cfg.run.num_workers)
+    return min([*fits, sweep.max_concurrent_trials or math.inf])
+
+
+def _check_resume(sweep: Sweep, resume: bool) -> None:
+    saved = sweep.dir / SWEEP_FILE
+    if not resume:
+        if sweep.dir.exists() and any(sweep.dir.iterdir()):
+            raise SweepError(f"sweep dir {sweep.dir} already exists: continue it with --resume, or pass a new "
+                             "--name (nothing was changed)")
+        return
+    if not saved.is_file():
+        raise SweepError(f"nothing to resume: {saved} not found; start the sweep without --resume")
+    old = yaml.safe_load(saved.read_text())
+    new = _yaml_round_trip(sweep.as_dict())
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        raise SweepError(f"the sweep in {sweep.dir} was started with other settings ({', '.join(changed)} "
+                         f"differ from {saved}): resume with the same file and options, or pass a new --name")
+
+
+def _yaml_round_trip(d: dict) -> dict:
+    return yaml.safe_load(yaml.safe_dump(d, sort_keys=False))
+
+
+def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) -> dict:
+    """Run (or continue) the sweep; returns counts of finished/unfinished/errored trials."""
+    _check_resume(sweep, resume)
+    from .data import load_cifar
+
+    for key in {(c.data.root, c.data.dataset, c.data.download, c.data.cache_dir) for c in grid_configs(sweep)}:
+        for split in ("train", "test"):  # bad data paths fail here, once, and the cache is warm for the trials
+            load_cifar(*key[:1], split, *key[1:])
+
+    from ray import tune
+    from ray.tune.logger import CSVLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler
+
+    from .train import connect
+
+    connect(address)
+    max_concurrent = _max_concurrent(sweep)
+    # Tune's own JSON and TensorBoard loggers would write a result.json and a second TensorBoard run into the
+    # trial dir, which is also the Train run dir: keep only its progress.csv.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # A trial resumed after its Train run had saved the last epoch has nothing left to report; Tune's strict check
+    # would count that as an error.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # The trial function only waits on its TorchTrainer: a 1-byte memory bundle instead of Tune's default 1 CPU,
+    # which on a small cluster would hold the CPUs the trial's own workers need (a deadlock).
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"memory": 1})
+    if resume:
+        tuner = tune.Tuner.restore(str(sweep.dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        sweep.dir.mkdir(parents=True, exist_ok=True)
+        (sweep.dir / SWEEP_FILE).write_text(yaml.safe_dump(sweep.as_dict(), sort_keys=False))
+        scheduler = None
+        if sweep.asha:
+            # time_attr "epoch": Tune's training_iteration restarts at 1 when a trial is resumed. max_t one past the
+            # last epoch: ASHA stops every trial that reaches max_t, before it could write its result.json.
+            epochs = max(c.schedule.epochs for c in grid_configs(sweep))
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs + 1, **sweep.asha)
+        tuner = tune.Tuner(
+            trainable, param_space=_param_space(sweep),
+            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=sweep.num_samples,
+                                        max_concurrent_trials=max_concurrent, scheduler=scheduler,
+                                        trial_dirname_creator=TrialDirname(sweep)),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.storage, callbacks=[CSVLoggerCallback()],
+                                      failure_config=tune.FailureConfig(max_failures=0)),
+        )
+    results = tuner.fit()
+    errors = [str(r.error).splitlines()[0][:300] for r in results if r.error]
+    summaries = [json.loads(f.read_text()) for f in sweep.dir.glob("*/result.json")]
+    finished = sum(1 for s in summaries if s["epoch"] >= s["epochs"])
+    return {"dir": str(sweep.dir), "trials": trial_count(sweep), "finished": finished,
+            "errors": errors, "max_concurrent_trials": max_concurrent}
