@@ -45,8 +45,9 @@ def export_model(model: nn.Module, fmt: str, path: str | Path) -> Path:
         if missing:
             raise ExportError(f"--format onnx needs {', '.join(missing)}: pip install 'ray-resnet[export]'")
         example = torch.zeros(2, 3, 32, 32)
+        # external_data=False: one self-contained file (torch 2.14 otherwise puts the weights in FILE.data).
         torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["logits"],
-                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, verbose=False)
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, external_data=False, verbose=False)
     return path
 
 

@@ -53,6 +53,7 @@ def test_export_reloads_to_the_checkpoints_logits(checkpoint_and_batch, tmp_path
     with torch.no_grad():
         expected, got = model(batch), _reload(out, fmt)(batch[:7])  # another batch size than the export's
     torch.testing.assert_close(got, expected[:7], rtol=1e-4, atol=1e-4)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("model.")] == [out.name]  # one file, no .data
 
 
 def test_export_never_overwrites_and_names_missing_packages(checkpoint_and_batch, tmp_path, capsys):
