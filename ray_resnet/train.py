@@ -138,8 +138,9 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step hides events a crashed attempt logged after the checkpoint we resume from.
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch + 1 if start_epoch else None)
+        # purge_step hides events a crashed attempt logged after the checkpoint we resume from (all of them
+        # when it crashed before its first checkpoint was committed).
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch + 1)
     test_shard = eval_shard(len(test_labels), world, rank)
     epochs = cfg.schedule.epochs
     for epoch in range(start_epoch, epochs):
@@ -291,7 +292,8 @@ def run_training(cfg: Config, address: str | None = None) -> dict:
         train_loop_config={"config": config_lib.to_dict(cfg), "run_dir": str(run_dir),
                            "data": ray.put(arrays), "threads": threads},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=bundle),
+                                               resources_per_worker=bundle,
+                                               placement_strategy=cfg.run.placement_strategy),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=cfg.run.storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),

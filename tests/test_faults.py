@@ -6,7 +6,7 @@ the test kills by pid and then cleans up); the others use the session's local Ra
 
 import json
 import os
-import shutil
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +17,7 @@ import psutil
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from cluster_scenarios import committed_epoch, run_scenario
 from ray_resnet.checkpoint import load_checkpoint
 from ray_resnet.config import load_config
 from ray_resnet.train import RunError, run_training
@@ -38,12 +39,132 @@ def tb_steps(run_dir: Path, tag: str = "train/loss") -> list[int]:
     return [e.step for e in acc.Scalars(tag)]
 
 
-def committed_epochs(run_dir: Path) -> list[int]:
-    """Epochs of the checkpoints Ray Train has committed (the ones it would resume from)."""
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    if not snapshot.is_file():
-        return []
-    return sorted(int(e) for e in __import__("re").findall(r'\\?"epoch\\?": (\d+)', snapshot.read_text()))
+def reported_epochs(log: str) -> list[int]:
+    """Epochs rank 0 finished, in the order it printed them ("epoch   2/4  train loss ...")."""
+    return [int(m) for m in re.findall(r"epoch +(\d+)/\d+  train loss", log)]
+
+
+class TrainProcess:
+    """`ray-resnet train` as a subprocess with its own embedded Ray, output in a file we can watch."""
+
+    def __init__(self, tmp_path: Path, root: Path, name: str, epochs: int, attempt: str = "1"):
+        self.log_path = tmp_path / f"{name}-{attempt}.log"
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        sets = [a for s in [*TINY, f"schedule.epochs={epochs}", "run.max_failures=2"] for a in ("--set", s)]
+        self.start = time.perf_counter()
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ray_resnet.cli", "train", "--data", str(root), "--storage", str(tmp_path),
+                 "--name", name, *sets], env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.family: set[psutil.Process] = set()
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process this run started so far (remembered, so orphans can be killed at the end)."""
+        try:
+            self.family.update(psutil.Process(self.proc.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+        return list(self.family)
+
+    def wait_until(self, condition, timeout: float = 300) -> float:
+        deadline = time.time() + timeout
+        while not condition():
+            assert self.proc.poll() is None, f"the run ended early:\n{self.log[-3000:]}"
+            assert time.time() < deadline, f"timed out:\n{self.log[-3000:]}"
+            self.processes()
+            time.sleep(0.1)
+        return time.perf_counter() - self.start
+
+    def finish(self, timeout: float = 400) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        """Kill the run and every process it started, by pid (a killed driver leaves Ray agents behind)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        _, alive = psutil.wait_procs(self.processes(), timeout=15)
+        for p in alive:
+            p.kill()
+
+
+# --- a. worker killed, b. driver killed: `ray-resnet train` subprocesses ------------------------------------
+
+def test_killed_worker_restarts_from_latest_checkpoint(real_cifar_small, tmp_path):
+    run_dir, epochs = tmp_path / "wk", 4
+    run = TrainProcess(tmp_path, real_cifar_small, "wk", epochs)
+    try:
+        killed_at_s = run.wait_until(lambda: committed_epoch(run_dir) >= 1)
+        workers = [p for p in run.processes() if "RayTrainWorker" in " ".join(p.cmdline())]
+        assert len(workers) == 1
+        finished_before_kill = max(reported_epochs(run.log))
+        workers[0].send_signal(signal.SIGKILL)
+        assert run.finish() == 0, run.log[-3000:]
+    finally:
+        run.cleanup()
+    log = run.log
+    assert "[FailurePolicy] RETRY" in log
+    resumed = int(re.search(r"resuming from the checkpoint of epoch (\d+)", log).group(1))
+    lost = finished_before_kill - resumed  # finished epochs trained a second time
+    assert 0 <= lost <= 1
+    assert json.loads((run_dir / "result.json").read_text())["epoch"] == epochs
+    assert tb_steps(run_dir) == list(range(1, epochs + 1))  # no duplicated or missing epoch after the restart
+    for tag in ("test/acc", "lr"):
+        assert tb_steps(run_dir, tag) == list(range(1, epochs + 1))
+    print(f"\n[fault a] SIGKILL of the training worker {killed_at_s:.1f}s after start, during epoch "
+          f"{finished_before_kill + 1} (epochs done: {finished_before_kill}); resumed from epoch {resumed}: "
+          f"{lost} finished epoch(s) lost; finished {epochs}/{epochs}")
+
+
+def test_killed_driver_rerun_continues_from_latest_checkpoint(real_cifar_small, tmp_path):
+    run_dir, epochs = tmp_path / "drv", 3
+    first = TrainProcess(tmp_path, real_cifar_small, "drv", epochs)
+    try:
+        killed_at_s = first.wait_until(lambda: committed_epoch(run_dir) >= 1)
+        committed = committed_epoch(run_dir)
+        first.processes()
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(30)
+        finished_before_kill = max(reported_epochs(first.log))
+    finally:
+        first.cleanup()
+    assert not (run_dir / "result.json").exists()
+
+    second = TrainProcess(tmp_path, real_cifar_small, "drv", epochs, attempt="2")
+    assert second.finish() == 0, second.log[-3000:]
+    resumed = int(re.search(r"resuming from the checkpoint of epoch (\d+)", second.log).group(1))
+    assert committed <= resumed <= finished_before_kill and finished_before_kill - resumed <= 1
+    assert reported_epochs(second.log) == list(range(resumed + 1, epochs + 1))
+    assert json.loads((run_dir / "result.json").read_text())["epoch"] == epochs
+    assert tb_steps(run_dir) == list(range(1, epochs + 1))
+    print(f"\n[fault b] SIGKILL of the driver {killed_at_s:.1f}s after start (epochs done: {finished_before_kill}); "
+          f"rerun resumed from epoch {resumed}: {finished_before_kill - resumed} finished epoch(s) lost")
+
+
+# --- c. a node of a simulated two-node cluster removed mid-run ------------------------------------------------
+
+def test_removed_node_run_recovers_on_remaining_node(real_cifar_small, tmp_path):
+    out = run_scenario("remove_node", real_cifar_small, tmp_path)
+    summary = out["summary"]
+    assert isinstance(summary, dict), summary  # a RunError would come back as its message
+    assert summary["epoch"] == 4
+    assert "[FailurePolicy] RETRY" in out["log"]
+    log = out["log"]
+    resumed = int(re.search(r"resuming from the checkpoint of epoch (\d+)", log).group(1))
+    before = [e for e in reported_epochs(log.split("resuming from the checkpoint")[0])]
+    lost = max(before) - resumed
+    assert 0 <= lost <= 1
+    assert len(set(out["worker_nodes"])) == 1  # both workers now on the head node
+    assert tb_steps(tmp_path / "remove_node") == [1, 2, 3, 4]
+    print(f"\n[fault c] worker node removed after the epoch-{resumed} checkpoint (epochs done: {max(before)}); "
+          f"recovered on the head node from epoch {resumed}: {lost} finished epoch(s) lost")
 
 
 # --- d. divergence, e. half-written checkpoints: the session's local Ray ------------------------------------
