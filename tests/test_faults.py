@@ -71,6 +71,17 @@ class TrainProcess:
             pass
         return list(self.family)
 
+    def live(self, title: str) -> list[psutil.Process]:
+        """The run's processes whose title (Ray sets `ray::<actor class>...`) contains `title`, now."""
+        found = []
+        for p in self.processes():
+            try:
+                if p.is_running() and title in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.Error:  # ended meanwhile
+                pass
+        return found
+
     def wait_until(self, condition, timeout: float = 300) -> float:
         deadline = time.time() + timeout
         while not condition():
@@ -98,11 +109,11 @@ class TrainProcess:
 # --- a. worker killed, b. driver killed: `ray-resnet train` subprocesses ------------------------------------
 
 def test_killed_worker_restarts_from_latest_checkpoint(real_cifar_small, tmp_path):
-    run_dir, epochs = tmp_path / "wk", 4
+    run_dir, epochs = tmp_path / "wk", 3
     run = TrainProcess(tmp_path, real_cifar_small, "wk", epochs)
     try:
         killed_at_s = run.wait_until(lambda: committed_epoch(run_dir) >= 1)
-        workers = [p for p in run.processes() if "RayTrainWorker" in " ".join(p.cmdline())]
+        workers = run.live("RayTrainWorker")
         assert len(workers) == 1
         finished_before_kill = max(reported_epochs(run.log))
         workers[0].send_signal(signal.SIGKILL)
@@ -211,3 +222,43 @@ def test_half_written_checkpoint_is_never_resumed_from(real_cifar_small, tmp_pat
     assert summary["epoch"] == 2 and Path(summary["checkpoint"]).parent == run_dir
     assert Path(summary["checkpoint"]) != half and load_checkpoint(summary["checkpoint"])["epoch"] == 2
     assert tb_steps(run_dir) == [1, 2]  # resumed after epoch 1: epoch 1 not trained twice
+
+@pytest.mark.usefixtures("ray_local")
+def test_unreadable_latest_checkpoint_fails_once_naming_max_failures(real_cifar_small, tmp_path):
+    run_dir = tmp_path / "bad"
+    first = run_training(_cfg(real_cifar_small, tmp_path, "bad", "schedule.epochs=1"))
+    latest = Path(first["checkpoint"]) / "checkpoint.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # committed by Ray, then damaged on disk
+    with pytest.raises(RunError, match=r"gave up after run.max_failures=1 restart\(s\) \(CheckpointError: cannot "
+                                       r"read checkpoint .*worker logs: /.*/logs/train/ on each node; rerun"):
+        run_training(_cfg(real_cifar_small, tmp_path, "bad", "schedule.epochs=2", "run.max_failures=1"))
+    assert load_checkpoint(run_dir / "best")["epoch"] == 1  # untouched
+
+
+# --- safe defaults ------------------------------------------------------------------------------------------
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoints_never_unpickle_code(tmp_path):
+    import torch
+
+    from ray_resnet.checkpoint import CheckpointError
+
+    evil = _RunsCode()
+    evil.marker = tmp_path / "pwned"
+    torch.save({"model": {}, "config": {}, "payload": evil}, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*not a ray-resnet checkpoint"):
+        load_checkpoint(tmp_path)
+    assert not evil.marker.exists()
+
+
+def test_object_store_uris_are_refused_naming_shared_storage(real_cifar_small, tmp_path, capsys):
+    from ray_resnet import cli
+
+    code = cli.main(["train", "--data", str(real_cifar_small), "--storage", "s3://bucket/runs", "--name", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("ray-resnet: error: run.storage='s3://bucket/runs' is a URI")
+    assert "EFS on AWS, Filestore on GCP, NFS" in err and len(err.strip().splitlines()) == 1
