@@ -66,6 +66,9 @@ class RunConfig:
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before giving up
     # How workers spread over nodes (Ray placement group strategy); PACK fills one node first.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # The cluster adds nodes on demand (the cluster/ configs): skip the up-front "do the workers fit" check
+    # and use GPUs unless device is cpu, since GPU nodes may not exist yet when the run starts.
+    autoscaling: bool = False
 
 
 @dataclass(frozen=True)

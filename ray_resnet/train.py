@@ -258,6 +258,10 @@ def plan_resources(cfg: Config) -> tuple[bool, dict[str, float], int]:
 
     Ray Train would otherwise wait forever for a worker group the cluster can never place.
     """
+    if cfg.run.autoscaling:  # the nodes come when the workers ask; Ray Train waits for them
+        use_gpu = cfg.run.device != "cpu"
+        bundle = {"CPU": cfg.run.cpus_per_worker or 1, **({"GPU": 1} if use_gpu else {})}
+        return use_gpu, bundle, int(bundle["CPU"])
     total = ray.cluster_resources()
     num_workers = cfg.run.num_workers
     use_gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and total.get("GPU", 0) > 0)

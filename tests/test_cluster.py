@@ -175,3 +175,17 @@ def test_two_nodes_spread_workers_and_agree_on_test_accuracy(real_cifar_small, t
     assert sorted(out["worker_nodes"]) == out["cluster_nodes"]  # rank 0 and rank 1 on different nodes
     # The accuracy both ranks computed on their halves of the test set equals one process's on all of it.
     assert summary["final_test_acc"] == pytest.approx(out["single_process_test_acc"], abs=1.01)  # <= 2 of 200
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_autoscaling_clusters_skip_the_fit_check_and_ask_for_gpus():
+    from ray_resnet.config import load_config
+    from ray_resnet.train import RunError, plan_resources
+
+    # 4 GPU workers on this 2-CPU, 0-GPU Ray: refused at once, unless the cluster adds GPU nodes on demand.
+    with pytest.raises(RunError, match="do not fit"):
+        plan_resources(load_config(None, ["run.num_workers=4", "run.device=cuda"]))
+    assert plan_resources(load_config(None, ["run.num_workers=4", "run.autoscaling=true"])) == (
+        True, {"CPU": 1, "GPU": 1}, 1)
+    assert plan_resources(load_config(None, ["run.num_workers=4", "run.autoscaling=true", "run.device=cpu",
+                                             "run.cpus_per_worker=4"])) == (False, {"CPU": 4}, 4)
