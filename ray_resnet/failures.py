@@ -45,7 +45,7 @@ def _first_cause(error: Exception) -> str:
     return f"{type(cause).__name__}: {text}"[:300]
 
 
-def fit(trainer: ray.train.torch.TorchTrainer, max_failures: int) -> ray.train.Result:
+def fit_or_explain(trainer: ray.train.torch.TorchTrainer, max_failures: int) -> ray.train.Result:
     """`trainer.fit()`, with Ray's give-up turned into one `RunError` line."""
     try:
         return trainer.fit()

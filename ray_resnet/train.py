@@ -27,8 +27,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config
 from .data import NUM_CLASSES, epoch_batches, eval_shard, load_cifar, take_subset
 from .engine import evaluate, make_optimizer, make_scheduler, train_one_epoch
-from .failures import RunError, check_storage, diverged_error
-from .failures import fit as fit_or_explain
+from .failures import RunError, check_storage, diverged_error, fit_or_explain
 from .models import build_model, count_parameters, parse_model_name
 
 # report() waits up to this long for the controller's poll (Ray's default 2 s); printing is done by rank 0 itself.
