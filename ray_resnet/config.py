@@ -57,7 +57,7 @@ class PerfConfig:
 @dataclass(frozen=True)
 class RunConfig:
     name: str | None = None  # None: <model>-<dataset>-s<seed>; rerunning with the same name resumes
-    storage: str = "runs"  # run dirs live in <storage>/<name>; a shared path or URI on clusters
+    storage: str = "runs"  # run dirs live in <storage>/<name>; on clusters a path every node mounts (no URIs)
     num_workers: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs when the cluster has enough
     cpus_per_worker: int | None = None  # None: on CPU all cluster CPUs split evenly, on GPU 1
@@ -65,6 +65,11 @@ class RunConfig:
     checkpoint_every: int = 1  # epochs
     keep_checkpoints: int = 2  # the latest K epoch checkpoints; the best one is kept apart
     max_failures: int = 3  # worker-group restarts from the latest checkpoint before giving up
+    # How workers spread over nodes (Ray placement group strategy); PACK fills one node first.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # The cluster adds nodes on demand (the cluster/ configs): skip the up-front "do the workers fit" check
+    # and use GPUs unless device is cpu, since GPU nodes may not exist yet when the run starts.
+    autoscaling: bool = False
 
 
 @dataclass(frozen=True)

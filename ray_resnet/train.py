@@ -27,6 +27,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config
 from .data import NUM_CLASSES, epoch_batches, eval_shard, load_cifar, take_subset
 from .engine import evaluate, make_optimizer, make_scheduler, train_one_epoch
+from .failures import RunError, check_storage, diverged_error, fit_or_explain
 from .models import build_model, count_parameters, parse_model_name
 
 # report() waits up to this long for the controller's poll (Ray's default 2 s); printing is done by rank 0 itself.
@@ -35,10 +36,6 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every worker 
 
 # Config keys that may change between a run and its resumption: where and how it runs, and how long.
 RESUMABLE_CHANGES = {"run", "perf", "schedule.epochs"}
-
-
-class RunError(RuntimeError):
-    """A run cannot start as asked; the message says why and what to do."""
 
 
 def default_run_name(cfg: Config) -> str:
@@ -96,8 +93,12 @@ def _log_hparams(writer, cfg: Config, params: int, metrics: dict, extra: dict) -
     writer.flush()
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Runs on every Ray Train worker. Every rank calls `ray.train.report` once per epoch."""
+def train_loop_per_worker(loop_config: dict) -> dict | None:
+    """Runs on every Ray Train worker. Every rank calls `ray.train.report` once per epoch.
+
+    Returns {"loss", "epoch"} if the loss became NaN/inf (every rank sees the same all-reduced loss, so all
+    return together): an exception would make Ray Train retry `max_failures` times for nothing.
+    """
     cfg = config_lib.from_dict(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
     context = ray.train.get_context()
@@ -132,12 +133,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         start_epoch, best_acc, best_epoch = state["epoch"], state["best_test_acc"], state["best_epoch"]
+        if rank == 0:
+            print(f"resuming from the checkpoint of epoch {start_epoch}", flush=True)
+    nodes = [ray.get_runtime_context().get_node_id()] * world
+    if world > 1:  # recorded in the metrics: which Ray node each rank ran on
+        dist.all_gather_object(nodes, nodes[0])
 
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step hides events a crashed attempt logged after the checkpoint we resume from.
+        # purge_step hides events a crashed attempt logged after the checkpoint we resume from (all of them
+        # when it crashed before its first checkpoint was committed).
         writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_epoch + 1)
     test_shard = eval_shard(len(test_labels), world, rank)
     epochs = cfg.schedule.epochs
@@ -157,7 +164,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         channels_last=cfg.perf.channels_last, amp=cfg.perf.amp)
         done = epoch + 1
         if not math.isfinite(train["loss"]):
-            raise FloatingPointError(f"training loss became {train['loss']} in epoch {done}")
+            if writer:
+                writer.close()
+            return {"loss": train["loss"], "epoch": done}
         is_best = test["acc"] > best_acc
         if is_best:
             best_acc, best_epoch = test["acc"], done
@@ -165,7 +174,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "epoch": done, "train_loss": train["loss"], "train_acc": train["acc"], "test_loss": test["loss"],
             "test_acc": test["acc"], "best_test_acc": best_acc, "best_epoch": best_epoch, "lr": train["lr"],
             "train_images_per_s": train["images_per_s"], "test_images_per_s": test["images_per_s"],
-            "epoch_time_s": time.perf_counter() - epoch_start,
+            "epoch_time_s": time.perf_counter() - epoch_start, "worker_nodes": nodes,
         }
         save_due = done % cfg.run.checkpoint_every == 0 or done == epochs
         with tempfile.TemporaryDirectory() as tmp:
@@ -192,6 +201,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if start_epoch < epochs:
             _log_hparams(writer, cfg, params, metrics, loop_config.get("hparams", {}))
         writer.close()
+    return None
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -215,6 +225,7 @@ def _config_changes(old: dict, new: dict) -> list[str]:
 
 def resolve_run(cfg: Config) -> Config:
     """Fill in the run name and make paths absolute, so the saved config reruns from anywhere."""
+    check_storage(cfg.run.storage)
     return config_lib.replace(cfg, data={"root": str(Path(cfg.data.root).expanduser().resolve())},
                               run={"name": cfg.run.name or default_run_name(cfg),
                                    "storage": str(Path(cfg.run.storage).expanduser().resolve())})
@@ -273,6 +284,10 @@ def plan_resources(cfg: Config) -> tuple[bool, dict[str, float], int]:
 
     Ray Train would otherwise wait forever for a worker group the cluster can never place.
     """
+    if cfg.run.autoscaling:  # the nodes come when the workers ask; Ray Train waits for them
+        use_gpu = cfg.run.device != "cpu"
+        bundle = {"CPU": cfg.run.cpus_per_worker or 1, **({"GPU": 1} if use_gpu else {})}
+        return use_gpu, bundle, int(bundle["CPU"])
     total = ray.cluster_resources()
     num_workers = cfg.run.num_workers
     use_gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and total.get("GPU", 0) > 0)
@@ -321,7 +336,8 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
         train_loop_config={"config": config_lib.to_dict(cfg), "run_dir": str(run_dir),
                            "data": ray.put(arrays), "threads": threads, "hparams": hparams or {}},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=bundle),
+                                               resources_per_worker=bundle,
+                                               placement_strategy=cfg.run.placement_strategy),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=cfg.run.storage, callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
@@ -329,8 +345,11 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # INFO repeats every metrics dict
         ),
     )
-    result = trainer.fit()
+    result = fit_or_explain(trainer, cfg.run.max_failures)
     metrics = result.metrics or {}
+    if result.return_value:  # diverged: no result.json, the run is not finished
+        raise diverged_error(result.return_value, result.checkpoint.path if result.checkpoint else None,
+                             metrics.get("epoch", 0))
     summary = {
         "name": cfg.run.name, "model": cfg.model, "dataset": cfg.data.dataset, "seed": cfg.seed,
         "params": count_parameters(build_model(cfg.model, NUM_CLASSES[cfg.data.dataset])),

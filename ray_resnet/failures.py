@@ -1,0 +1,65 @@
+"""How a run ends when something goes wrong: one clear line saying what happened and what to do.
+
+Ray Train restarts a failed worker group from the latest checkpoint up to `run.max_failures` times; when it
+gives up, or when training itself diverges, the driver raises `RunError` instead of a multi-page traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+import ray.train
+
+
+class RunError(RuntimeError):
+    """A run cannot start or go on as asked; the message says why and what to do."""
+
+
+# What a run dir may be: every node writes config.yaml, best/ and tb/ there with plain file I/O.
+SHARED_STORAGE_HINT = ("use a directory every node mounts (EFS on AWS, Filestore on GCP, NFS on-premise; "
+                       "see cluster/README.md)")
+
+
+def check_storage(storage: str) -> None:
+    """Refuse object-store URIs: run dirs are written with local file I/O, which needs a shared filesystem."""
+    if "://" in storage:
+        raise RunError(f"run.storage={storage!r} is a URI, but run dirs (config.yaml, best/, tb/) are written as "
+                       f"files: {SHARED_STORAGE_HINT}, e.g. --storage /mnt/shared/runs")
+
+
+def worker_logs_dir() -> str:
+    """Where Ray Train's per-worker logs are, on each node of the connected cluster."""
+    node = ray._private.worker.global_worker.node  # the driver's node; the same layout holds on every node
+    if node is None:  # connected through ray:// (Ray Client): the session dir lives on the head
+        return "/tmp/ray/session_latest/logs/train/ on each node"
+    return f"{Path(node.get_session_dir_path()) / 'logs' / 'train'}/ on each node"
+
+
+def _first_cause(error: Exception) -> str:
+    """The worker's or controller's own exception, in one line (Ray wraps it in pages of context)."""
+    failures = getattr(error, "worker_failures", None) or {}
+    cause = next(iter(failures.values()), None) or getattr(error, "controller_failure", None) or error
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(cause).__name__
+    return f"{type(cause).__name__}: {text}"[:300]
+
+
+def fit_or_explain(trainer: ray.train.torch.TorchTrainer, max_failures: int) -> ray.train.Result:
+    """`trainer.fit()`, with Ray's give-up turned into one `RunError` line."""
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise RunError(
+            f"training failed and Ray Train gave up after run.max_failures={max_failures} restart(s) "
+            f"({_first_cause(e)}); worker logs: {worker_logs_dir()}; rerun the same command to resume from the "
+            f"latest checkpoint, or raise --set run.max_failures=N"
+        ) from None
+
+
+def diverged_error(stop: dict, last_checkpoint: str | None, epoch_checkpointed: int) -> RunError:
+    """The training loss became NaN/inf: no restart can fix that, so the run stops at once."""
+    where = (f"the last good checkpoint is {last_checkpoint} (epoch {epoch_checkpointed}), left intact"
+             if last_checkpoint else "no checkpoint was written before it")
+    return RunError(f"training loss became {stop['loss']} in epoch {stop['epoch']}; stopped without retrying: "
+                    f"{where}; lower optim.lr (or raise schedule.warmup_epochs) and start a new --name")

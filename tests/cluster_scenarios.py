@@ -1,0 +1,110 @@
+"""Runs inside its own process: a two-node `ray.cluster_utils.Cluster` and one training run on it.
+
+`python tests/cluster_scenarios.py {spread|remove_node} DATA_ROOT STORAGE` prints one JSON line (prefixed
+`RESULT `); tests call it through `run_scenario`. A test process that already has a Ray session cannot also host
+a Cluster, hence the subprocess.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+
+from ray_resnet.checkpoint import load_checkpoint
+from ray_resnet.config import load_config
+from ray_resnet.data import load_cifar, take_subset
+from ray_resnet.engine import evaluate
+from ray_resnet.models import build_model
+
+OBJECT_STORE = 300 * 1024**2  # bytes per node; cluster_utils' default (150 MiB) makes ray.put spill to disk
+
+
+def _config(root: str, storage: str, name: str, epochs: int):
+    return load_config(None, [
+        f"data.root={root}", f"run.storage={storage}", f"run.name={name}", f"schedule.epochs={epochs}",
+        "data.train_subset=256", "data.test_subset=200", "optim.batch_size=64", "schedule.warmup_epochs=0",
+        "optim.lr=0.05", "perf.eval_batch_size=200", "run.num_workers=2", "run.cpus_per_worker=1",
+        "run.placement_strategy=SPREAD", "run.max_failures=2",
+    ])
+
+
+def committed_epoch(run_dir: Path) -> int:
+    """Epoch of the latest checkpoint Ray Train has committed (the one it would resume from); 0 if none."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        return snapshot["latest_checkpoint_result"]["metrics"]["epoch"]
+    except (OSError, ValueError, KeyError, TypeError):  # not there yet, or being rewritten
+        return 0
+
+
+def run_scenario(name: str, root: Path, storage: Path) -> dict:
+    """This file's scenario `name` in a fresh Python process; its result plus the whole log."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    repo = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, __file__, name, str(root), str(storage)],
+                          env=env, capture_output=True, text=True, timeout=500)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {**json.loads(lines[-1][len("RESULT "):]), "log": proc.stdout + proc.stderr}
+
+
+def single_process_test_acc(cfg, checkpoint: str) -> float:
+    """The checkpoint's accuracy on the run's test subset, computed here in one process."""
+    state = load_checkpoint(checkpoint)
+    images, labels = load_cifar(cfg.data.root, "test", cfg.data.dataset, False, cfg.data.cache_dir)
+    keep = take_subset(labels, cfg.data.test_subset, cfg.seed)
+    model = build_model(cfg.model, 10)
+    model.load_state_dict(state["model"])
+    return evaluate(model, images[keep], labels[keep], batch_size=200)["acc"]
+
+
+def main(scenario: str, root: str, storage: str) -> dict:
+    from ray_resnet.train import run_training
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": OBJECT_STORE, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=2, object_store_memory=OBJECT_STORE)
+    try:
+        ray.init(address=cluster.address)
+        cluster.wait_for_nodes()
+        node_ids = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        cfg = _config(root, storage, scenario, epochs=2 if scenario == "spread" else 4)
+        if scenario == "spread":
+            summary = run_training(cfg)
+            out = {"summary": summary, "cluster_nodes": node_ids}
+        else:  # remove the second node mid-run; add_node/remove_node must run on the main thread
+            box: dict = {}
+            fit = threading.Thread(target=lambda: box.update(summary=_catch(run_training, cfg)))
+            fit.start()
+            run_dir = Path(storage) / scenario
+            while fit.is_alive() and committed_epoch(run_dir) < 1:
+                time.sleep(0.2)
+            removed_at = time.time()
+            cluster.remove_node(worker)
+            fit.join(timeout=400)
+            out = {"summary": box.get("summary"), "removed_at": removed_at, "cluster_nodes": node_ids}
+        summary = out["summary"]
+        if isinstance(summary, dict) and summary.get("checkpoint"):
+            out["single_process_test_acc"] = single_process_test_acc(cfg, summary["checkpoint"])
+            out["worker_nodes"] = load_checkpoint(summary["checkpoint"])["metrics"]["worker_nodes"]
+        return out
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _catch(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # reported to the test, which checks the message
+        return f"{type(e).__name__}: {e}"
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(main(*sys.argv[1:4])), flush=True)

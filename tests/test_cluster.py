@@ -1,0 +1,191 @@
+"""Clusters, offline: Ray's own validation of cluster/*.yaml, `ray job submit` to a real local head (token auth
+on), and a two-node simulated cluster with SPREAD placement.
+
+The head and the simulated cluster are separate processes with their own ports and temp dirs, stopped by pid
+(never `ray stop`, which would stop every Ray on the machine).
+"""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from jsonschema import ValidationError
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from cluster_scenarios import run_scenario
+from ray_resnet.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # ray and ray-resnet of this environment
+CLUSTER_YAMLS = sorted((REPO / "cluster").glob("*.yaml"))
+
+
+def _validated(path_or_dict) -> dict:
+    raw = yaml.safe_load(path_or_dict.read_text()) if isinstance(path_or_dict, Path) else path_or_dict
+    cfg = prepare_config(raw)
+    validate_config(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=lambda p: p.name)
+def test_cluster_yaml_passes_rays_validation_and_is_safe(path):
+    cfg = _validated(path)
+    text = path.read_text()
+    assert cfg["file_mounts"]["~/ray-resnet"] == "." and ".gitignore" in cfg["rsync_filter"]
+    setup = " ".join(cfg["setup_commands"])
+    assert "pip install -e ~/ray-resnet" in setup and "/mnt/shared" in setup  # package + shared storage, every node
+    head_start = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "RAY_AUTH_MODE=token" in head_start
+    assert all("RAY_AUTH_MODE=token" in c for c in cfg["worker_start_ray_commands"] if "ray start" in c)
+    assert "0.0.0.0" not in text  # nothing listens on, or is opened to, every address
+    if cfg["provider"]["type"] == "aws":
+        rules = cfg["provider"]["security_group"]["IpPermissions"]
+        assert [(r["FromPort"], r["ToPort"]) for r in rules] == [(22, 22)]
+    if cfg["provider"]["type"] != "local":
+        gpu = [t for t in cfg["available_node_types"].values() if "guestAccelerators" in t["node_config"]
+               or t["node_config"].get("InstanceType", "").startswith(("g5", "g6"))]
+        assert gpu and gpu[0]["min_workers"] == 0 and gpu[0]["max_workers"] >= 1  # autoscaling GPU workers
+
+
+def test_cluster_validation_catches_mistakes():
+    cfg = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    with pytest.raises(ValidationError, match="'max_wrkers' was unexpected"):
+        _validated({**cfg, "max_wrkers": 2})
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM the head (it stops its own Ray processes), then SIGKILL whatever it left behind."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    _, alive = psutil.wait_procs(family, timeout=10)
+    for p in alive:
+        p.kill()
+
+
+def _repo_copy_with_junk(dest: Path) -> Path:
+    """This checkout's tracked files plus a fake .venv/ and runs/ that `--working-dir` must not upload."""
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, dest / f)
+    for junk in (".venv/lib/big.bin", "runs/old/checkpoint.pt"):
+        (dest / junk).parent.mkdir(parents=True)
+        (dest / junk).write_bytes(b"x" * 1024)
+    return dest
+
+
+def test_ray_job_submit_trains_on_a_real_head(real_cifar_small, tmp_path):
+    gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager, objects = _free_ports(9)
+    temp_dir = Path(tempfile.mkdtemp(prefix="rr5-", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
+    token = secrets.token_hex(32)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    address = f"http://127.0.0.1:{dashboard}"
+    head = subprocess.Popen(
+        [BIN / "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
+         f"--node-manager-port={node_manager}", f"--object-manager-port={objects}",  # none of Ray's defaults:
+         f"--temp-dir={temp_dir}", "--num-cpus=2", "--disable-usage-stats"],           # others' Rays hold them
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        request = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+        deadline = time.time() + 180
+        while True:  # the Jobs API answers once the dashboard is up
+            try:
+                urllib.request.urlopen(request, timeout=5)
+                break
+            except OSError:
+                assert head.poll() is None and time.time() < deadline, "the Ray head did not come up"
+                time.sleep(1)
+
+        # Token auth is on: a client without RAY_AUTH_MODE=token is refused.
+        no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+        refused = subprocess.run([BIN / "ray", "job", "list", "--address", address], env=no_token,
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and "authentication" in (refused.stdout + refused.stderr).lower()
+
+        workdir = _repo_copy_with_junk(tmp_path / "checkout")
+        storage = tmp_path / "shared-runs"
+        submit = [BIN / "ray", "job", "submit", "--address", address, "--submission-id", "smoke-1",
+                  "--working-dir", ".", "--", "ray-resnet", "train", "-c", "configs/cifar10_resnet32.yaml",
+                  "--smoke-test", "--model", "resnet20", "--data", str(real_cifar_small), "--storage", str(storage),
+                  "--name", "job", "--set", "data.train_subset=256", "--set", "data.test_subset=200"]
+        for _ in range(30):  # the head's job agent starts a few seconds after the dashboard answers
+            start = time.perf_counter()
+            job = subprocess.run(submit, cwd=workdir, env=env, capture_output=True, text=True, timeout=400)
+            wall_s = time.perf_counter() - start
+            if "No available agent" not in job.stderr:
+                break
+            time.sleep(2)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        status = subprocess.run([BIN / "ray", "job", "status", "--address", address, "smoke-1"], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert "Job 'smoke-1' succeeded" in status.stdout  # JobStatus.SUCCEEDED
+        assert "done: job (resnet20" in job.stdout
+
+        run_dir = storage / "job"
+        result = json.loads((run_dir / "result.json").read_text())
+        assert result["epoch"] == 1 and load_checkpoint(result["checkpoint"])["epoch"] == 1
+        assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+        uploaded = [d for d in temp_dir.glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*") if d.is_dir()]
+        assert uploaded and all((d / "ray_resnet" / "train.py").is_file() for d in uploaded)
+        assert not [p for d in uploaded for p in d.rglob("*") if p.name in (".venv", "runs", ".git")]
+        print(f"\n[job submit] ray job submit -> SUCCEEDED in {wall_s:.1f}s (submit to exit)")
+    finally:
+        _stop(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_two_nodes_spread_workers_and_agree_on_test_accuracy(real_cifar_small, tmp_path):
+    out = run_scenario("spread", real_cifar_small, tmp_path)
+    summary = out["summary"]
+    assert summary["epoch"] == 2
+    assert sorted(out["worker_nodes"]) == out["cluster_nodes"]  # rank 0 and rank 1 on different nodes
+    # The accuracy both ranks computed on their halves of the test set equals one process's on all of it.
+    assert summary["final_test_acc"] == pytest.approx(out["single_process_test_acc"], abs=1.01)  # <= 2 of 200
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_autoscaling_clusters_skip_the_fit_check_and_ask_for_gpus():
+    from ray_resnet.config import load_config
+    from ray_resnet.train import RunError, plan_resources
+
+    # 4 GPU workers on this 2-CPU, 0-GPU Ray: refused at once, unless the cluster adds GPU nodes on demand.
+    with pytest.raises(RunError, match="do not fit"):
+        plan_resources(load_config(None, ["run.num_workers=4", "run.device=cuda"]))
+    assert plan_resources(load_config(None, ["run.num_workers=4", "run.autoscaling=true"])) == (
+        True, {"CPU": 1, "GPU": 1}, 1)
+    assert plan_resources(load_config(None, ["run.num_workers=4", "run.autoscaling=true", "run.device=cpu",
+                                             "run.cpus_per_worker=4"])) == (False, {"CPU": 4}, 4)

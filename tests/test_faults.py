@@ -1,0 +1,261 @@
+"""Fault tolerance on real Ray: a killed worker, a killed driver, a diverged loss, a half-written checkpoint.
+
+The kill tests run `ray-resnet train` as a subprocess with its own embedded Ray (its own process tree, which
+the test kills by pid and then cleans up); the others use the session's local Ray.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cluster_scenarios import committed_epoch, run_scenario
+from ray_resnet.checkpoint import load_checkpoint
+from ray_resnet.config import load_config
+from ray_resnet.train import RunError, run_training
+
+REPO = Path(__file__).resolve().parents[1]
+# 256 train images in batches of 64 (4 steps) and 200 test images: one epoch takes a few seconds on 2 cores.
+TINY = ["data.train_subset=256", "data.test_subset=200", "optim.batch_size=64", "schedule.warmup_epochs=0",
+        "optim.lr=0.05", "perf.eval_batch_size=200"]
+
+
+def _cfg(root, storage, name, *sets):
+    return load_config(None, [f"data.root={root}", f"run.storage={storage}", f"run.name={name}", *TINY, *sets])
+
+
+def tb_steps(run_dir: Path, tag: str = "train/loss") -> list[int]:
+    """Steps of a tag as TensorBoard shows them: all event files of tb/, with purge_step applied."""
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def reported_epochs(log: str) -> list[int]:
+    """Epochs rank 0 finished, in the order it printed them ("epoch   2/4  train loss ...")."""
+    return [int(m) for m in re.findall(r"epoch +(\d+)/\d+  train loss", log)]
+
+
+class TrainProcess:
+    """`ray-resnet train` as a subprocess with its own embedded Ray, output in a file we can watch."""
+
+    def __init__(self, tmp_path: Path, root: Path, name: str, epochs: int, attempt: str = "1"):
+        self.log_path = tmp_path / f"{name}-{attempt}.log"
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        sets = [a for s in [*TINY, f"schedule.epochs={epochs}", "run.max_failures=2"] for a in ("--set", s)]
+        self.start = time.perf_counter()
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ray_resnet.cli", "train", "--data", str(root), "--storage", str(tmp_path),
+                 "--name", name, *sets], env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.family: set[psutil.Process] = set()
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process this run started so far (remembered, so orphans can be killed at the end)."""
+        try:
+            self.family.update(psutil.Process(self.proc.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+        return list(self.family)
+
+    def live(self, title: str) -> list[psutil.Process]:
+        """The run's processes whose title (Ray sets `ray::<actor class>...`) contains `title`, now."""
+        found = []
+        for p in self.processes():
+            try:
+                if p.is_running() and title in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.Error:  # ended meanwhile
+                pass
+        return found
+
+    def wait_until(self, condition, timeout: float = 300) -> float:
+        deadline = time.time() + timeout
+        while not condition():
+            assert self.proc.poll() is None, f"the run ended early:\n{self.log[-3000:]}"
+            assert time.time() < deadline, f"timed out:\n{self.log[-3000:]}"
+            self.processes()
+            time.sleep(0.1)
+        return time.perf_counter() - self.start
+
+    def finish(self, timeout: float = 400) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        """Kill the run and every process it started, by pid (a killed driver leaves Ray agents behind)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        _, alive = psutil.wait_procs(self.processes(), timeout=15)
+        for p in alive:
+            p.kill()
+
+
+# --- a. worker killed, b. driver killed: `ray-resnet train` subprocesses ------------------------------------
+
+def test_killed_worker_restarts_from_latest_checkpoint(real_cifar_small, tmp_path):
+    run_dir, epochs = tmp_path / "wk", 3
+    run = TrainProcess(tmp_path, real_cifar_small, "wk", epochs)
+    try:
+        killed_at_s = run.wait_until(lambda: committed_epoch(run_dir) >= 1)
+        workers = run.live("RayTrainWorker")
+        assert len(workers) == 1
+        finished_before_kill = max(reported_epochs(run.log))
+        workers[0].send_signal(signal.SIGKILL)
+        assert run.finish() == 0, run.log[-3000:]
+    finally:
+        run.cleanup()
+    log = run.log
+    assert "[FailurePolicy] RETRY" in log
+    resumed = int(re.search(r"resuming from the checkpoint of epoch (\d+)", log).group(1))
+    lost = finished_before_kill - resumed  # finished epochs trained a second time
+    assert 0 <= lost <= 1
+    assert json.loads((run_dir / "result.json").read_text())["epoch"] == epochs
+    assert tb_steps(run_dir) == list(range(1, epochs + 1))  # no duplicated or missing epoch after the restart
+    for tag in ("test/acc", "lr"):
+        assert tb_steps(run_dir, tag) == list(range(1, epochs + 1))
+    print(f"\n[fault a] SIGKILL of the training worker {killed_at_s:.1f}s after start, during epoch "
+          f"{finished_before_kill + 1} (epochs done: {finished_before_kill}); resumed from epoch {resumed}: "
+          f"{lost} finished epoch(s) lost; finished {epochs}/{epochs}")
+
+
+def test_killed_driver_rerun_continues_from_latest_checkpoint(real_cifar_small, tmp_path):
+    run_dir, epochs = tmp_path / "drv", 3
+    first = TrainProcess(tmp_path, real_cifar_small, "drv", epochs)
+    try:
+        killed_at_s = first.wait_until(lambda: committed_epoch(run_dir) >= 1)
+        committed = committed_epoch(run_dir)
+        first.processes()
+        first.proc.send_signal(signal.SIGKILL)
+        first.proc.wait(30)
+        finished_before_kill = max(reported_epochs(first.log))
+    finally:
+        first.cleanup()
+    assert not (run_dir / "result.json").exists()
+
+    second = TrainProcess(tmp_path, real_cifar_small, "drv", epochs, attempt="2")
+    assert second.finish() == 0, second.log[-3000:]
+    resumed = int(re.search(r"resuming from the checkpoint of epoch (\d+)", second.log).group(1))
+    assert committed <= resumed <= finished_before_kill and finished_before_kill - resumed <= 1
+    assert reported_epochs(second.log) == list(range(resumed + 1, epochs + 1))
+    assert json.loads((run_dir / "result.json").read_text())["epoch"] == epochs
+    assert tb_steps(run_dir) == list(range(1, epochs + 1))
+    print(f"\n[fault b] SIGKILL of the driver {killed_at_s:.1f}s after start (epochs done: {finished_before_kill}); "
+          f"rerun resumed from epoch {resumed}: {finished_before_kill - resumed} finished epoch(s) lost")
+
+
+# --- c. a node of a simulated two-node cluster removed mid-run ------------------------------------------------
+
+def test_removed_node_run_recovers_on_remaining_node(real_cifar_small, tmp_path):
+    out = run_scenario("remove_node", real_cifar_small, tmp_path)
+    summary = out["summary"]
+    assert isinstance(summary, dict), summary  # a RunError would come back as its message
+    assert summary["epoch"] == 4
+    assert "[FailurePolicy] RETRY" in out["log"]
+    log = out["log"]
+    resumed = int(re.search(r"resuming from the checkpoint of epoch (\d+)", log).group(1))
+    before = [e for e in reported_epochs(log.split("resuming from the checkpoint")[0])]
+    lost = max(before) - resumed
+    assert 0 <= lost <= 1
+    assert len(set(out["worker_nodes"])) == 1  # both workers now on the head node
+    assert tb_steps(tmp_path / "remove_node") == [1, 2, 3, 4]
+    print(f"\n[fault c] worker node removed after the epoch-{resumed} checkpoint (epochs done: {max(before)}); "
+          f"recovered on the head node from epoch {resumed}: {lost} finished epoch(s) lost")
+
+
+# --- d. divergence, e. half-written checkpoints: the session's local Ray ------------------------------------
+
+@pytest.mark.usefixtures("ray_local")
+def test_nan_loss_stops_at_once_naming_epoch_and_intact_checkpoint(real_cifar_small, tmp_path):
+    # Epoch 1 trains at lr 0.05, then gamma 1e9 makes lr 5e7 from epoch 2: the loss overflows.
+    cfg = _cfg(real_cifar_small, tmp_path, "nan", "schedule.epochs=4", "schedule.milestones=[1]",
+               "schedule.gamma=1e9", "run.max_failures=3")
+    run_dir = tmp_path / "nan"
+    start = time.perf_counter()
+    with pytest.raises(RunError, match=r"training loss became (nan|inf) in epoch 2; stopped without retrying: "
+                                       r"the last good checkpoint is .*checkpoint_.* \(epoch 1\), left intact") as e:
+        run_training(cfg)
+    elapsed = time.perf_counter() - start
+    checkpoint = str(e.value).split("the last good checkpoint is ")[1].split(" (epoch")[0]
+    state = load_checkpoint(checkpoint)
+    assert state["epoch"] == 1 and all(v.isfinite().all() for v in state["model"].values() if v.is_floating_point())
+    assert load_checkpoint(run_dir / "best")["epoch"] == 1
+    assert not (run_dir / "result.json").exists()  # the run is not "finished"
+    assert tb_steps(run_dir) == [1]
+    print(f"\n[fault d] NaN injected via lr x1e9 at epoch 2: stopped in {elapsed:.1f}s, no retries, "
+          f"last good checkpoint epoch 1")
+
+    # Divergence in the very first epoch: nothing to keep, and the message says so.
+    with pytest.raises(RunError, match="in epoch 1; .*no checkpoint was written before it"):
+        run_training(_cfg(real_cifar_small, tmp_path, "nan1", "schedule.epochs=2", "optim.lr=1e9"))
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_half_written_checkpoint_is_never_resumed_from_and_a_damaged_one_fails_clearly(real_cifar_small, tmp_path):
+    run_dir = tmp_path / "half"
+    run_training(_cfg(real_cifar_small, tmp_path, "half", "schedule.epochs=1"))
+    good = next(run_dir.glob("checkpoint_*"))
+    # A crash while saving epoch 2: Ray's dir is there (newest name) but its file is truncated, and our own
+    # atomic save died before the rename (only checkpoint.pt.tmp); best/ was being rewritten too.
+    half = run_dir / "checkpoint_2999-01-01_00-00-00.000000"
+    half.mkdir()
+    data = (good / "checkpoint.pt").read_bytes()
+    (half / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    (run_dir / "best" / "checkpoint.pt.tmp").write_bytes(data[: len(data) // 3])
+
+    summary = run_training(_cfg(real_cifar_small, tmp_path, "half", "schedule.epochs=2"))
+    assert summary["epoch"] == 2 and Path(summary["checkpoint"]).parent == run_dir
+    assert Path(summary["checkpoint"]) != half and load_checkpoint(summary["checkpoint"])["epoch"] == 2
+    assert tb_steps(run_dir) == [1, 2]  # resumed after epoch 1: epoch 1 not trained twice
+
+    # A checkpoint Ray committed but that got damaged on disk afterwards cannot be skipped (Ray resumes from
+    # the latest only): every restart fails the same way, so the run stops after max_failures, in one line.
+    latest = Path(summary["checkpoint"]) / "checkpoint.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    with pytest.raises(RunError, match=r"gave up after run.max_failures=1 restart\(s\) \(CheckpointError: cannot "
+                                       r"read checkpoint .*worker logs: /.*/logs/train/ on each node; rerun"):
+        run_training(_cfg(real_cifar_small, tmp_path, "half", "schedule.epochs=3", "run.max_failures=1"))
+    assert load_checkpoint(run_dir / "best")["epoch"] == summary["best_epoch"]  # untouched
+
+# --- safe defaults ------------------------------------------------------------------------------------------
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoints_never_unpickle_code(tmp_path):
+    import torch
+
+    from ray_resnet.checkpoint import CheckpointError
+
+    evil = _RunsCode()
+    evil.marker = tmp_path / "pwned"
+    torch.save({"model": {}, "config": {}, "payload": evil}, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*not a ray-resnet checkpoint"):
+        load_checkpoint(tmp_path)
+    assert not evil.marker.exists()
+
+
+def test_object_store_uris_are_refused_naming_shared_storage(real_cifar_small, tmp_path, capsys):
+    from ray_resnet import cli
+
+    code = cli.main(["train", "--data", str(real_cifar_small), "--storage", "s3://bucket/runs", "--name", "x"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("ray-resnet: error: run.storage='s3://bucket/runs' is a URI")
+    assert "EFS on AWS, Filestore on GCP, NFS" in err and len(err.strip().splitlines()) == 1
