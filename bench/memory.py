@@ -30,6 +30,24 @@ def process_memory(pid: int) -> dict[str, int] | None:
     return out
 
 
+def object_store_pages(pid: int) -> dict[str, int]:
+    """{"store_rss", "store_pss"}: bytes of Ray's object store (the /dev/shm/plasma* mapping) the process has
+    mapped, and its share of them. A zero-copy ray.get of the dataset shows up here, not in USS."""
+    out = {"store_rss": 0, "store_pss": 0}
+    in_store = False
+    try:
+        lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        first = line.split(maxsplit=1)[0]
+        if "-" in first and not first.endswith(":"):  # a mapping's header line: address range ... path
+            in_store = "/plasma" in line
+        elif in_store and first in ("Rss:", "Pss:"):
+            out["store_" + first[:-1].lower()] += int(line.split()[1]) * 1024
+    return out
+
+
 def process_tree(root: int) -> dict[int, str]:
     """pid -> command line for `root` and all its descendants (Ray's daemons and workers descend from the driver)."""
     parents: dict[int, int] = {}
@@ -63,5 +81,5 @@ def tree_memory(root: int | None = None, watch: str | None = None) -> dict:
         for key in KEYS:
             total[key] += mem[key]
         if watch and name.startswith(watch):
-            watched.append(mem)
+            watched.append({**mem, **object_store_pages(pid)})
     return {"total": total, "watched": watched}

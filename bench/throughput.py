@@ -303,11 +303,12 @@ def render(args: argparse.Namespace, host: dict, runs: dict[str, list[dict]], wa
         "do not edit by hand.",
         "",
         f"- Machine: {host['cpu']}, {host['cores']} cores, {host['memory_gib']} GiB, GPU: {host['gpu']}; "
-        f"load average at start {host['load_average']} (1/5/15 min)",
+        f"load average (1/5/15 min) {host['load_average']} at the start, "
+        + " / ".join(f"{x:.1f}" for x in os.getloadavg()) + " at the end (other users' work shares the cores)",
         f"- Software: {host['versions']}",
         f"- Date: {host['date']}",
         f"- Workload: {args.model}, batch {BATCH}, {args.warmup} warm-up + {args.steps} timed training steps, "
-        f"evaluation of {args.eval_images} test images after a warm-up batch; {args.repeats} interleaved repeats, "
+        f"evaluation of {args.eval_images} test images after a warm-up batch; repeats: {args.repeats}, interleaved, "
         f"medians; path a uses DataLoader num_workers={args.loader_workers}, evaluation batch 128; b and c use the "
         "default PerfConfig (channels_last, amp auto, eval batch 500, compile auto).",
         "",
@@ -338,11 +339,13 @@ def render(args: argparse.Namespace, host: dict, runs: dict[str, list[dict]], wa
         f"- b >= 1.2 x a in training throughput: b/a = {b_a:.2f}, {'met' if b_a >= 1.2 else 'MISSED'}",
         f"- c within 5 % of b: 1 worker c/b = {c1_b:.2f} ({'met' if c1_b >= 0.95 else 'MISSED'}), "
         f"2 workers c/b = {c2_b:.2f} ({'met' if c2_b >= 0.95 else 'MISSED'})",
-        f"- Dataset shared, not copied per worker: the uint8 train+test arrays are {dataset_mib:.0f} MiB; "
-        "with 2 workers each worker's private memory (USS) is "
-        + ", ".join(f"{w['uss'] / MIB:,.0f} MiB (PSS {w['pss'] / MIB:,.0f}, RSS {w['rss'] / MIB:,.0f})"
-                    for w in workers)
-        + " after the training steps: the dataset pages are the object store's, mapped by both.",
+        f"- Dataset shared, not copied per worker: the uint8 train+test arrays are {dataset_mib:.0f} MiB, put once "
+        "into Ray's object store by the driver. With 2 workers, each maps "
+        + " and ".join(f"{w['store_rss'] / MIB:,.0f}" for w in workers) + " MiB of that one copy (the pages its "
+        "batches have touched so far; zero-copy `ray.get`), of which its proportional share (PSS) is "
+        + " and ".join(f"{w['store_pss'] / MIB:,.0f}" for w in workers) + " MiB. Each worker's private memory "
+        "(USS: torch, Ray, model, activations) is " + " and ".join(f"{w['uss'] / MIB:,.0f}" for w in workers)
+        + f" MiB; a copy of the dataset per worker would add {dataset_mib:.0f} MiB to each.",
         "",
         "## Per repeat (train img/s)",
         "",
