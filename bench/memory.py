@@ -1,4 +1,4 @@
-"""Memory of a process tree from /proc (Linux), without double-counting shared pages.
+"""Memory (and CPU time) of a process tree from /proc (Linux), without double-counting shared pages.
 
 RSS counts a page once in every process that maps it, so N Ray workers mapping the same object-store
 dataset would show it N times. PSS splits each shared page between its mappers (sums to the real total);
@@ -83,3 +83,18 @@ def tree_memory(root: int | None = None, watch: str | None = None) -> dict:
         if watch and name.startswith(watch):
             watched.append({**mem, **object_store_pages(pid)})
     return {"total": total, "watched": watched}
+
+
+def tree_cpu_seconds(root: int, exclude_pids: set[int] = frozenset(), exclude_prefix: str | None = None) -> float:
+    """CPU seconds (user + system) used so far by the tree of `root`, minus some processes: measured around the
+    timed steps, what helper processes (DataLoader workers; Ray's driver and daemons) take from the cores."""
+    ticks = 0
+    for pid, name in process_tree(root).items():
+        if pid in exclude_pids or (exclude_prefix and name.startswith(exclude_prefix)):
+            continue
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+    return ticks / os.sysconf("SC_CLK_TCK")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bench.memory import tree_memory
+from bench.memory import tree_cpu_seconds, tree_memory
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_TAG = "BENCH_RESULT "
@@ -45,6 +45,7 @@ PATHS = {
     "c2": "c: Ray Train, 2 workers",
 }
 MIB = 2**20
+WORKER_NAME = "ray::RayTrainWorker"  # the process title of Ray Train's workers
 BATCH = 128  # the recipe's (OptimConfig.batch_size), used by every path
 
 
@@ -124,7 +125,10 @@ def run_plain(args: argparse.Namespace) -> dict:
     total = args.warmup + args.steps
     stamps, running_loss = [], 0.0
     model.train()
-    for step, (x, y) in enumerate(train_loader):
+    batches = iter(train_loader)  # held until measured: dropping the iterator stops the loader's processes
+    for step, (x, y) in enumerate(batches):
+        if step == args.warmup:
+            helper_cpu = tree_cpu_seconds(os.getpid(), {os.getpid()})
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss = criterion(model(x), y)
         optimizer.zero_grad()
@@ -134,7 +138,10 @@ def run_plain(args: argparse.Namespace) -> dict:
         stamps.append(time.time())
         if step + 1 == total:
             break
-    memory = tree_memory()  # with the loader's worker processes still alive
+    helper_cpu = tree_cpu_seconds(os.getpid(), {os.getpid()}) - helper_cpu
+    helper_cores = helper_cpu / (stamps[-1] - stamps[args.warmup - 1])
+    memory = tree_memory()
+    del batches
     model.eval()
     with torch.no_grad():
         for x, _ in torch.utils.data.DataLoader(test_set, batch_size=recipe.batch_size, **loader_args):
@@ -146,7 +153,8 @@ def run_plain(args: argparse.Namespace) -> dict:
             seen += len(y)
         eval_ips = seen / (time.perf_counter() - eval_start)
     return {"train_images_per_s": steady_images_per_s(stamps, [recipe.batch_size] * total, args.warmup),
-            "eval_images_per_s": eval_ips, "first_step_s": stamps[0] - start, "memory": memory}
+            "eval_images_per_s": eval_ips, "first_step_s": stamps[0] - start, "memory": memory,
+            "helper_cores": helper_cores}
 
 
 # ------------------------------------------------------------------------------------- b: the engine
@@ -184,7 +192,8 @@ def run_engine(args: argparse.Namespace) -> dict:
              batch_size=cfg.perf.eval_batch_size, **perf)
     test = evaluate(model, test_images, test_labels, indices, batch_size=cfg.perf.eval_batch_size, **perf)
     return {"train_images_per_s": steady_images_per_s(stamps, [g for _, g in steps], args.warmup),
-            "eval_images_per_s": test["images_per_s"], "first_step_s": stamps[0] - start, "memory": memory}
+            "eval_images_per_s": test["images_per_s"], "first_step_s": stamps[0] - start, "memory": memory,
+            "helper_cores": 0.0}
 
 
 # ---------------------------------------------------------------------------------- c: Ray Train path
@@ -204,12 +213,16 @@ def timed_worker_loop(loop_config: dict) -> None:
     def timed_train(model, optimizer, scheduler, images, labels, steps, *args, **kwargs):
         steps = steps[: loop_config["bench_steps"]]  # the first steps of the full dataset's first epoch
         device = next(model.parameters()).device
+        driver = int(os.environ[DRIVER_PID_ENV])
+        ray_cpu, ray_start = tree_cpu_seconds(driver, exclude_prefix=WORKER_NAME), time.time()
         with stamped_steps(scheduler, device, len(steps), warmup) as stamps:
             metrics = engine.train_one_epoch(model, optimizer, scheduler, images, labels, steps, *args, **kwargs)
         record.update(first_step_at=stamps[0],
-                      train_images_per_s=steady_images_per_s(stamps, [g for _, g in steps], warmup))
+                      train_images_per_s=steady_images_per_s(stamps, [g for _, g in steps], warmup),
+                      helper_cores=(tree_cpu_seconds(driver, exclude_prefix=WORKER_NAME) - ray_cpu)
+                      / (time.time() - ray_start))
         if rank == 0:  # every rank has just finished its steps: the whole tree at its training working set
-            record["memory"] = tree_memory(int(os.environ[DRIVER_PID_ENV]), watch="ray::RayTrainWorker")
+            record["memory"] = tree_memory(driver, watch=WORKER_NAME)
         return metrics
 
     def timed_evaluate(model, images, labels, indices=None, **kwargs):
@@ -252,7 +265,8 @@ def run_ray(args: argparse.Namespace, workers: int) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"train_images_per_s": rank0["train_images_per_s"], "eval_images_per_s": rank0["eval_images_per_s"],
-            "first_step_s": rank0["first_step_at"] - start, "ray_init_s": ray_init_s, "memory": rank0["memory"]}
+            "first_step_s": rank0["first_step_at"] - start, "ray_init_s": ray_init_s, "memory": rank0["memory"],
+            "helper_cores": rank0["helper_cores"]}
 
 
 # ------------------------------------------------------------------------------------------ the driver
@@ -312,15 +326,17 @@ def render(args: argparse.Namespace, host: dict, runs: dict[str, list[dict]], wa
         f"medians; path a uses DataLoader num_workers={args.loader_workers}, evaluation batch 128; b and c use the "
         "default PerfConfig (channels_last, amp auto, eval batch 500, compile auto).",
         "",
-        "| path | train img/s | ratio (train) | eval img/s | time to first step (s) | PSS (MiB) | sum of peak RSS (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| path | train img/s | ratio (train) | eval img/s | time to first step (s) | PSS (MiB) "
+        "| sum of peak RSS (MiB) | helper CPU (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for path, label in PATHS.items():
         r = runs[path]
         lines.append(f"| {label} | {_median(r, 'train_images_per_s'):,.0f} | {ratios[path]} | "
                      f"{_median(r, 'eval_images_per_s'):,.0f} | {_median(r, 'first_step_s'):.1f} | "
                      f"{statistics.median(x['memory']['total']['pss'] for x in r) / MIB:,.0f} | "
-                     f"{statistics.median(x['memory']['total']['hwm'] for x in r) / MIB:,.0f} |")
+                     f"{statistics.median(x['memory']['total']['hwm'] for x in r) / MIB:,.0f} | "
+                     f"{_median(r, 'helper_cores'):.2f} |")
     b_a, c1_b, c2_b = ratio("b", "a"), ratio("c1", "b"), ratio("c2", "b")
     workers = runs["c2"][-1]["memory"]["watched"]
     dataset_mib = (50_000 + 10_000) * 3 * 32 * 32 / MIB
@@ -332,7 +348,9 @@ def render(args: argparse.Namespace, host: dict, runs: dict[str, list[dict]], wa
         "optimizer step. Memory covers all processes of the path (a: with its loader processes; c: the driver, "
         "Ray's daemons and the workers). PSS, taken right after the training steps, splits shared pages between "
         "the processes that map them: it is the path's real footprint. The sum of each process's peak RSS "
-        "(VmHWM) counts a shared page once per process that maps it.",
+        "(VmHWM) counts a shared page once per process that maps it. Helper CPU: cores used during the training "
+        "steps by the path's other processes (a: the DataLoader workers; c: the driver and Ray's daemons and "
+        "actors), taken from the cores the model trains on.",
         "",
         "## Goals on this machine",
         "",
@@ -393,8 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     for repeat in range(args.repeats):
         for path in PATHS:
             runs[path].append(run_child(path, args))
-            print(f"repeat {repeat + 1}/{args.repeats} {path}: {runs[path][-1]['train_images_per_s']:,.0f} train img/s, "
-                  f"{runs[path][-1]['eval_images_per_s']:,.0f} eval img/s", flush=True)
+            last = runs[path][-1]
+            print(f"repeat {repeat + 1}/{args.repeats} {path}: {last['train_images_per_s']:,.0f} train img/s, "
+                  f"{last['eval_images_per_s']:,.0f} eval img/s", flush=True)
     report = render(args, host, runs, time.perf_counter() - start)
     args.output.write_text(report)
     print(report)
