@@ -52,6 +52,10 @@ class PerfConfig:
     channels_last: bool = True  # 1.2-1.4x faster convolutions on CPU and on tensor-core GPUs
     amp: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     eval_batch_size: int = 500  # larger batches overflow the CPU's L3 cache (2x slower per image at 1000)
+    # torch.compile the training model. auto: on CUDA only (on 2 CPU cores compiling costs more than it saves).
+    # Off by default until the compiled GPU path has been measured on a GPU (none was lent so far).
+    compile: Literal["auto", "on", "off"] = "off"
+    cuda_graphs: bool = False  # with compile on CUDA: mode "reduce-overhead" (replays the step's kernels as one graph)
 
 
 @dataclass(frozen=True)

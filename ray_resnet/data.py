@@ -5,6 +5,7 @@ Pure PyTorch: nothing here knows about Ray, so every piece is testable on a lapt
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -284,12 +285,17 @@ def take_subset(labels: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
     return torch.cat(picks).sort().values
 
 
+@functools.cache
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Built once per device: torch.tensor(list, device="cuda") copies from host memory, a host sync per call.
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (CIFAR_MEAN, CIFAR_STD))
+
+
 def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
     """uint8 [B,3,H,W] (any device) -> float32 scaled to [0,1] then standardised by CIFAR_MEAN/STD."""
     if images_uint8.dtype != torch.uint8:
         raise TypeError(f"normalize expects uint8 images, got {images_uint8.dtype}")
-    mean = torch.tensor(CIFAR_MEAN, device=images_uint8.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=images_uint8.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(images_uint8.device)
     return (images_uint8.float() / 255 - mean) / std
 
 

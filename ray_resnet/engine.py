@@ -49,11 +49,28 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return contextlib.nullcontext()
 
 
+def compile_model(model: nn.Module, device: torch.device, compile: str = "auto",
+                  cuda_graphs: bool = False) -> nn.Module:
+    """`model` under torch.compile when asked ("on", or "auto" on CUDA), else `model` itself.
+
+    The compiled wrapper shares parameters and buffers with `model`: checkpoint and evaluate the eager module.
+    """
+    if compile == "off" or (compile == "auto" and device.type != "cuda"):
+        return model
+    return torch.compile(model, mode="reduce-overhead" if cuda_graphs and device.type == "cuda" else None)
+
+
 def _global_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
     totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     return totals.tolist()
+
+
+def _indices_on(device: torch.device, batches: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The batches' index tensors on `device` with one copy: a copy per step from pageable CPU memory
+    would make the host wait for the GPU at every step."""
+    return torch.cat(list(batches)).to(device).split([len(b) for b in batches])
 
 
 def _prepare(images_u8: torch.Tensor, device: torch.device, channels_last: bool, train: bool,
@@ -90,8 +107,7 @@ def train_one_epoch(
     seen = 0
     lr = optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
-    for idx, global_count in steps:
-        idx = idx.to(images.device)
+    for idx, (_, global_count) in zip(_indices_on(images.device, [idx for idx, _ in steps]), steps):
         x = _prepare(images[idx], device, channels_last, True, generator, erase_p)
         y = labels[idx].to(device, non_blocking=True)
         with autocast(device, amp):
@@ -138,8 +154,7 @@ def evaluate(
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     start = time.perf_counter()
-    for chunk in indices.split(batch_size):
-        chunk = chunk.to(images.device)
+    for chunk in _indices_on(images.device, indices.split(batch_size)):
         x = _prepare(images[chunk], device, channels_last, False, None, 0.0)
         y = labels[chunk].to(device, non_blocking=True)
         with autocast(device, amp):

@@ -1,0 +1,103 @@
+"""The fast paths compute what the plain path computes: bf16 autocast, torch.compile, batched augmentation, and
+(on CUDA only) a training step without host syncs. No timings here: speed lives in bench/throughput.py."""
+
+import warnings
+
+import pytest
+import torch
+
+from ray_resnet.config import OptimConfig, ScheduleConfig
+from ray_resnet.data import augment, epoch_batches
+from ray_resnet.engine import compile_model, make_optimizer, make_scheduler, train_one_epoch
+from ray_resnet.models import build_model
+
+NO_WARMUP = ScheduleConfig(warmup_epochs=0)
+
+
+def _tiny_data(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(n) % 4
+
+
+def _one_step(model_name, images, labels, device="cpu", compile="off", **perf):
+    """Weights before, weights after and the metrics of one training step from seed 0."""
+    torch.manual_seed(0)
+    model = build_model(model_name, num_classes=4).to(device, memory_format=torch.channels_last)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = make_optimizer(model, OptimConfig(lr=0.1))
+    sched = make_scheduler(opt, 0.1, NO_WARMUP, 1)
+    metrics = train_one_epoch(compile_model(model, torch.device(device), compile), opt, sched, images, labels,
+                              epoch_batches(len(labels), len(labels), 1, 0, 0, 0),
+                              torch.Generator(device).manual_seed(0), **perf)
+    return before, [p.detach() for p in model.parameters()], metrics
+
+
+def test_bf16_autocast_step_matches_the_fp32_step():
+    images, labels = _tiny_data(32)
+    before, fp32, m32 = _one_step("resnet20", images, labels, amp="fp32")
+    _, bf16, m16 = _one_step("resnet20", images, labels, amp="bf16")
+    assert m16["loss"] == pytest.approx(m32["loss"], rel=2e-2)
+    update32 = torch.cat([(a - b).flatten() for a, b in zip(fp32, before)])
+    update16 = torch.cat([(a - b).flatten() for a, b in zip(bf16, before)])
+    # bf16 keeps 8 bits of mantissa: the update points the same way and has the same size, to ~1 %.
+    assert torch.nn.functional.cosine_similarity(update16, update32, dim=0).item() > 0.99
+    assert update16.norm().item() == pytest.approx(update32.norm().item(), rel=2e-2)
+
+
+def test_compile_switch():
+    model = build_model("resnet20")
+    assert compile_model(model, torch.device("cpu"), "off") is model
+    assert compile_model(model, torch.device("cpu"), "auto") is model  # auto compiles on CUDA only
+    compiled = compile_model(model, torch.device("cpu"), "on")
+    assert compiled is not model and list(compiled.parameters())[0] is list(model.parameters())[0]
+
+
+def test_compiled_step_matches_the_eager_step():
+    # resnet8 (one block per stage): compiling forward + backward of resnet20 takes minutes on 2 CPU cores.
+    images, labels = _tiny_data(16)
+    _, eager, _ = _one_step("resnet8", images, labels)
+    _, compiled, _ = _one_step("resnet8", images, labels, compile="on")
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batched_crop_offsets_and_flips_are_uniform_per_sample():
+    # One bright pixel; where it lands gives each sample's crop offset, whether its x is mirrored its flip.
+    image = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    image[..., 10, 10] = 255
+    n = 9 * 9 * 2 * 60
+    out = augment(image.expand(n, -1, -1, -1), torch.Generator().manual_seed(7), erase_p=0)
+    hits = (out[:, 0] == out[:, 0].amax(dim=(1, 2), keepdim=True)).flatten(1).float().argmax(1)
+    ys, xs = hits // 32, hits % 32
+    dy = 10 - ys  # marker at row 10 lands on row 10 + 4 - offset
+    flipped = xs > 16  # mirrored column 31 - (x), always > 16 for a marker at column 10 +- 4
+    dx = torch.where(flipped, 31 - xs, xs) - 10
+    for values, cells in ((dy, range(-4, 5)), (dx, range(-4, 5)), (flipped.long(), (0, 1))):
+        counts = torch.stack([(values == c).sum() for c in cells]).float()
+        expected = n / len(cells)
+        chi2 = ((counts - expected) ** 2 / expected).sum()
+        assert counts.sum() == n and chi2 < 30, counts  # chi2 with <= 8 dof: p < 1e-3 above ~27
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs only exist with a CUDA device")
+def test_training_steps_do_not_sync_the_host_on_cuda():
+    """The syncs of an epoch are those of its end-of-epoch metrics: as many for 6 steps as for 1."""
+    images, labels = _tiny_data(96)
+    images, labels = images.cuda(), labels.cuda()
+    counts = []
+    for n in (16, 96):  # 1 step, then 6 steps of 16
+        torch.manual_seed(0)
+        model = build_model("resnet20", num_classes=4).cuda().to(memory_format=torch.channels_last)
+        opt = make_optimizer(model, OptimConfig())
+        sched = make_scheduler(opt, 0.1, NO_WARMUP, 6)
+        steps = epoch_batches(n, 16, 1, 0, 0, 0)
+        train_one_epoch(model, opt, sched, images, labels, steps, torch.Generator("cuda").manual_seed(0))  # warm
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train_one_epoch(model, opt, sched, images, labels, steps, torch.Generator("cuda").manual_seed(0))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchronizing" in str(w.message) for w in caught))
+    assert counts[0] == counts[1], counts
