@@ -68,7 +68,8 @@ def single_process_test_acc(cfg, checkpoint: str) -> float:
 def main(scenario: str, root: str, storage: str) -> dict:
     from ray_resnet.train import run_training
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": OBJECT_STORE, "include_dashboard": False})
+    head = {"num_cpus": 2, "object_store_memory": OBJECT_STORE, "include_dashboard": False}  # 8265 may be taken
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     worker = cluster.add_node(num_cpus=2, object_store_memory=OBJECT_STORE)
     try:
         ray.init(address=cluster.address)

@@ -92,11 +92,8 @@ def _stop(proc: subprocess.Popen, timeout: float = 60) -> None:
 
 
 def _repo_copy_with_junk(dest: Path) -> Path:
-    """This checkout's tracked files plus a fake .venv/ and runs/ that `--working-dir` must not upload."""
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        (dest / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / f, dest / f)
+    """This checkout (without its real, huge .venv) plus a fake .venv/ and runs/ that must not be uploaded."""
+    shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "data", "__pycache__"))
     for junk in (".venv/lib/big.bin", "runs/old/checkpoint.pt"):
         (dest / junk).parent.mkdir(parents=True)
         (dest / junk).write_bytes(b"x" * 1024)
@@ -161,7 +158,7 @@ def test_ray_job_submit_trains_on_a_real_head(real_cifar_small, tmp_path):
         assert list((run_dir / "tb").glob("events.out.tfevents.*"))
         uploaded = [d for d in temp_dir.glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*") if d.is_dir()]
         assert uploaded and all((d / "ray_resnet" / "train.py").is_file() for d in uploaded)
-        assert not [p for d in uploaded for p in d.rglob("*") if p.name in (".venv", "runs", ".git")]
+        assert not [p for d in uploaded for p in d.rglob("*") if p.name in (".venv", "runs")]  # .gitignore honoured
         print(f"\n[job submit] ray job submit -> SUCCEEDED in {wall_s:.1f}s (submit to exit)")
     finally:
         _stop(head)
