@@ -16,10 +16,10 @@ from pathlib import Path
 import yaml
 
 from . import config as config_lib
-from .config import Config
+from .config import Config, flatten
 from .data import NUM_CLASSES
 from .models import build_model, count_parameters, parse_model_name
-from .tune import SWEEP_FILE, flatten
+from .tune import SWEEP_FILE
 
 # He et al. 2015, Table 6: CIFAR-10 test error (%). resnet110 is the best of 5 runs (mean 6.61 +- 0.16).
 PAPER_ERROR = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97, "resnet110": 6.43,

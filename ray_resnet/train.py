@@ -206,19 +206,9 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     return None
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def _config_changes(old: dict, new: dict) -> list[str]:
     """Keys whose values differ, apart from those a resumed run may change."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = config_lib.flatten(old), config_lib.flatten(new)
     return sorted(
         f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in a.keys() | b.keys()
         if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES and k.split(".")[0] not in RESUMABLE_CHANGES

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from . import config as config_lib
-from .config import Config, ConfigError
+from .config import Config, ConfigError, flatten
 
 SWEEP_FILE = "sweep.yaml"  # the resolved sweep, written into the sweep dir: what `--resume` and `report` read
 METRIC, MODE = "test_acc", "max"
@@ -68,17 +68,6 @@ class Sweep:
                 "search": self.search, "num_samples": self.num_samples,
                 "scheduler": {"asha": self.asha} if self.asha else None,
                 "resources": {"max_concurrent_trials": self.max_concurrent_trials}}
-
-
-def flatten(nested: dict, prefix: str = "") -> dict:
-    """{"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}"""
-    out = {}
-    for key, value in nested.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def nest(dotted: dict) -> dict:
