@@ -7,9 +7,11 @@ Run dir layout (`<run.storage>/<name>/`): `config.yaml` (resolved config), Ray T
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -105,6 +107,12 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(loop_config["threads"])
+    # At INFO these repeat every report's metrics dict and checkpoint path; rank 0 prints its own epoch line.
+    # (The controller's logs, e.g. why a worker group was restarted, stay at INFO.)
+    for module in ("context", "storage"):  # Ray-internal modules, already imported in a worker; absent: no-op
+        logger = getattr(sys.modules.get(f"ray.train.v2._internal.execution.{module}"), "logger", None)
+        if logger:
+            logger.setLevel(logging.WARNING)
 
     data = _as_tensors(ray.get(loop_config["data"]))
     if device.type == "cuda":  # the whole uint8 set fits on the GPU (150 MB): no per-step host transfers
@@ -334,7 +342,6 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
             name=cfg.run.name, storage_path=cfg.run.storage, callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # INFO repeats every metrics dict
         ),
     )
     result = fit_or_explain(trainer, cfg.run.max_failures)

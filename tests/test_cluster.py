@@ -150,9 +150,9 @@ def test_ray_job_submit_trains_on_a_real_head(real_cifar_small, tmp_path):
         status = subprocess.run([BIN / "ray", "job", "status", "--address", address, "smoke-1"], env=env,
                                 capture_output=True, text=True, timeout=120)
         assert "Job 'smoke-1' succeeded" in status.stdout  # JobStatus.SUCCEEDED
-        assert "done: job (resnet20" in job.stdout
+        assert "done: job-smoke (resnet20" in job.stdout  # --smoke-test runs under <name>-smoke
 
-        run_dir = storage / "job"
+        run_dir = storage / "job-smoke"
         result = json.loads((run_dir / "result.json").read_text())
         assert result["epoch"] == 1 and load_checkpoint(result["checkpoint"])["epoch"] == 1
         assert list((run_dir / "tb").glob("events.out.tfevents.*"))

@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from cluster_scenarios import committed_epoch, run_scenario
 from ray_resnet.checkpoint import load_checkpoint
 from ray_resnet.config import load_config
-from ray_resnet.train import RunError, run_training
+from ray_resnet.train import RunError, latest_checkpoint, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 # 256 train images in batches of 64 (4 steps) and 200 test images: one epoch takes a few seconds on 2 cores.
@@ -47,11 +47,11 @@ def reported_epochs(log: str) -> list[int]:
 class TrainProcess:
     """`ray-resnet train` as a subprocess with its own embedded Ray, output in a file we can watch."""
 
-    def __init__(self, tmp_path: Path, root: Path, name: str, epochs: int, attempt: str = "1"):
+    def __init__(self, tmp_path: Path, root: Path, name: str, epochs: int, attempt: str = "1", max_failures: int = 2):
         self.log_path = tmp_path / f"{name}-{attempt}.log"
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        sets = [a for s in [*TINY, f"schedule.epochs={epochs}", "run.max_failures=2"] for a in ("--set", s)]
+        sets = [a for s in [*TINY, f"schedule.epochs={epochs}", f"run.max_failures={max_failures}"] for a in ("--set", s)]
         self.start = time.perf_counter()
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
@@ -159,6 +159,21 @@ def test_killed_driver_rerun_continues_from_latest_checkpoint(real_cifar_small, 
           f"rerun resumed from epoch {resumed}: {finished_before_kill - resumed} finished epoch(s) lost")
 
 
+
+def test_killed_worker_without_restarts_left_stops_in_one_line(real_cifar_small, tmp_path):
+    run = TrainProcess(tmp_path, real_cifar_small, "nr", 3, max_failures=0)
+    try:
+        run.wait_until(lambda: committed_epoch(tmp_path / "nr") >= 1)
+        run.live("RayTrainWorker")[0].send_signal(signal.SIGKILL)
+        assert run.finish() == 2, run.log[-3000:]
+    finally:
+        run.cleanup()
+    errors = [line for line in run.log.splitlines() if line.startswith("ray-resnet: error: ")]
+    assert len(errors) == 1, run.log[-3000:]
+    assert "Ray Train gave up after run.max_failures=0 restart(s)" in errors[0]
+    assert "rerun the same command to resume" in errors[0]
+    assert load_checkpoint(latest_checkpoint(tmp_path / "nr"))["epoch"] >= 1  # the committed checkpoint stays
+
 # --- c. a node of a simulated two-node cluster removed mid-run ------------------------------------------------
 
 def test_removed_node_run_recovers_on_remaining_node(real_cifar_small, tmp_path):
@@ -223,13 +238,14 @@ def test_half_written_checkpoint_is_never_resumed_from_and_a_damaged_one_fails_c
     assert Path(summary["checkpoint"]) != half and load_checkpoint(summary["checkpoint"])["epoch"] == 2
     assert tb_steps(run_dir) == [1, 2]  # resumed after epoch 1: epoch 1 not trained twice
 
-    # A checkpoint Ray committed but that got damaged on disk afterwards cannot be skipped (Ray resumes from
-    # the latest only): every restart fails the same way, so the run stops after max_failures, in one line.
+    # A checkpoint Ray committed but that got damaged on disk afterwards cannot be skipped (Ray resumes from the
+    # latest only), and every restart would fail the same way: the rerun stops before starting Ray, in one line.
     latest = Path(summary["checkpoint"]) / "checkpoint.pt"
     latest.write_bytes(latest.read_bytes()[:1000])
-    with pytest.raises(RunError, match=r"gave up after run.max_failures=1 restart\(s\) \(CheckpointError: cannot "
-                                       r"read checkpoint .*worker logs: /.*/logs/train/ on each node; rerun"):
+    before = sorted(p.name for p in run_dir.iterdir())
+    with pytest.raises(RunError, match=r"cannot resume half: cannot read checkpoint .*Move that checkpoint dir aside"):
         run_training(_cfg(real_cifar_small, tmp_path, "half", "schedule.epochs=3", "run.max_failures=1"))
+    assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing deleted
     assert load_checkpoint(run_dir / "best")["epoch"] == summary["best_epoch"]  # untouched
 
 # --- safe defaults ------------------------------------------------------------------------------------------
