@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from bench.memory import tree_cpu_seconds, tree_memory
+from ray_resnet.config import PerfConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_TAG = "BENCH_RESULT "
@@ -324,7 +326,7 @@ def render(args: argparse.Namespace, host: dict, runs: dict[str, list[dict]], wa
         f"- Workload: {args.model}, batch {BATCH}, {args.warmup} warm-up + {args.steps} timed training steps, "
         f"evaluation of {args.eval_images} test images after a warm-up batch; repeats: {args.repeats}, interleaved, "
         f"medians; path a uses DataLoader num_workers={args.loader_workers}, evaluation batch 128; b and c use the "
-        "default PerfConfig (channels_last, amp auto, eval batch 500, compile auto).",
+        f"default PerfConfig ({', '.join(f'{k} {v}' for k, v in dataclasses.asdict(PerfConfig()).items())}).",
         "",
         "| path | train img/s | ratio (train) | eval img/s | time to first step (s) | PSS (MiB) "
         "| sum of peak RSS (MiB) | helper CPU (cores) |",
