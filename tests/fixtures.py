@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +106,13 @@ def trained_like(name="resnet20", num_classes=10, seed=0):
     with torch.no_grad():  # one train-mode pass moves the BN running statistics away from 0 / 1
         model(torch.randn(8, 3, 32, 32))
     return model.eval()
+
+
+# "(PlacementGroupCleaner pid=123) ...": Ray prefixes every line its actors print; a session-wide Ray started by
+# an earlier test may print such lines into any later test's captured stderr.
+_RAY_ACTOR_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\(\w+ pid=\d+")
+
+
+def own_lines(text: str) -> list[str]:
+    """The non-empty lines of captured output that this process printed, without Ray actors' log lines."""
+    return [line for line in text.strip().splitlines() if line.strip() and not _RAY_ACTOR_LINE.match(line)]

@@ -5,11 +5,12 @@ import re
 import pytest
 import torch
 
+from fixtures import own_lines
 from ray_resnet import cli
 
 
 def _error_line(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
+    err = own_lines(capsys.readouterr().err)
     assert len(err) == 1, err
     assert err[0].startswith("ray-resnet: error: ")
     return err[0]

@@ -18,6 +18,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cluster_scenarios import committed_epoch, run_scenario
+from fixtures import own_lines
 from ray_resnet.checkpoint import load_checkpoint
 from ray_resnet.config import load_config
 from ray_resnet.train import RunError, latest_checkpoint, run_training
@@ -272,6 +273,7 @@ def test_object_store_uris_are_refused_naming_shared_storage(real_cifar_small, t
     from ray_resnet import cli
 
     code = cli.main(["train", "--data", str(real_cifar_small), "--storage", "s3://bucket/runs", "--name", "x"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.startswith("ray-resnet: error: run.storage='s3://bucket/runs' is a URI")
-    assert "EFS on AWS, Filestore on GCP, NFS" in err and len(err.strip().splitlines()) == 1
+    err = own_lines(capsys.readouterr().err)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("ray-resnet: error: run.storage='s3://bucket/runs' is a URI")
+    assert "EFS on AWS, Filestore on GCP, NFS" in err[0]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fixtures import own_lines
 from ray_resnet import cli
 from ray_resnet.report import read_runs
 from ray_resnet.tune import SweepError, load_sweep, run_sweep, trial_count
@@ -76,7 +77,8 @@ def test_cli_reports_sweep_and_report_errors_in_one_line(tmp_path, capsys):
     bad = _write(tmp_path / "bad.yaml", {"grid": {"optim.lrr": [0.1]}})
     assert cli.main(["sweep", "-c", str(bad)]) == 2
     assert cli.main(["report", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = own_lines(capsys.readouterr().err)
+    assert len(err) == 2
     assert err[0].startswith("ray-resnet: error: ") and "optim.lrr" in err[0]
     assert err[1] == (f"ray-resnet: error: {tmp_path} is not a sweep dir: expected sweep.yaml and one run dir per "
                       "trial, as `ray-resnet sweep` writes them (e.g. runs/sweeps/table6)")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fixtures import random_cifar, trained_like, write_parquet_cifar
+from fixtures import own_lines, random_cifar, trained_like, write_parquet_cifar
 from ray_resnet import cli
 from ray_resnet.checkpoint import save_checkpoint
 from ray_resnet.config import Config, to_dict
@@ -141,6 +141,6 @@ def test_eval_weights_bad_input_is_one_line_exit_2(tmp_path, test_split, capsys)
     ]
     for args, message in cases:
         assert cli.main(["eval", *args]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("ray-resnet: error: ") and message in err and err.count("\n") == 1
+        err = own_lines(capsys.readouterr().err)
+        assert len(err) == 1 and err[0].startswith("ray-resnet: error: ") and message in err[0]
 
