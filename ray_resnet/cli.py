@@ -1,6 +1,6 @@
 """`ray-resnet` command line: train, sweep, report, eval, export, tensorboard.
 
-Errors users can fix print one line and exit with status 2."""
+Errors users can fix print one line and exit with status 2. Only `train` and `sweep` import Ray."""
 
 from __future__ import annotations
 
@@ -10,12 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .dashboard import NoRunsError
-from .data import DataNotFoundError
-from .export import ExportError
-from .weights import WeightsError
+from .constants import DATASETS
+from .errors import UserError
 
 # --smoke-test: a tiny real run for CI and first contact (seconds, not minutes).
 SMOKE_OVERRIDES = {
@@ -23,27 +19,28 @@ SMOKE_OVERRIDES = {
     "schedule": {"epochs": 1, "warmup_epochs": 1},
     "optim": {"batch_size": 64},
 }
+# Shortcut flags -> the config keys they set (argparse dest -> dotted key).
+TRAIN_SHORTCUTS = {"model": "model", "num_workers": "run.num_workers", "data": "data.root",
+                   "download": "data.download", "name": "run.name", "storage": "run.storage"}
+SWEEP_SHORTCUTS = {"data": "data.root"}  # the sweep's own --name and --storage name the sweep dir
+
+
+def _overrides(args: argparse.Namespace, shortcuts: dict[str, str]) -> dict:
+    """The config overrides of --smoke-test and of the shortcut flags given (not those of --set)."""
+    from .config import merge, nest
+
+    given = {key: getattr(args, dest) for dest, key in shortcuts.items() if getattr(args, dest) not in (None, False)}
+    return merge(SMOKE_OVERRIDES if args.smoke_test else {}, nest(given))
 
 
 def _train(args: argparse.Namespace) -> int:
     from . import train
-    from .config import load_config
+    from .config import load_config, replace
+    from .rundir import default_run_name
 
-    extra: dict = {}
-    if args.smoke_test:
-        extra = dict(SMOKE_OVERRIDES)
-    if args.model:
-        extra["model"] = args.model
-    run = {k: v for k, v in (("num_workers", args.num_workers), ("name", args.name), ("storage", args.storage)) if v}
-    if run:
-        extra["run"] = run
-    if args.data:
-        extra["data"] = {**extra.get("data", {}), "root": args.data}
-    if args.download:
-        extra["data"] = {**extra.get("data", {}), "download": True}
-    cfg = load_config(args.config, args.set, extra)
+    cfg = load_config(args.config, args.set, _overrides(args, TRAIN_SHORTCUTS))
     if args.smoke_test:  # never resume or overwrite the real run of the same config
-        cfg = train.config_lib.replace(cfg, run={"name": f"{cfg.run.name or train.default_run_name(cfg)}-smoke"})
+        cfg = replace(cfg, run={"name": f"{cfg.run.name or default_run_name(cfg)}-smoke"})
     summary = train.run_training(cfg, address=args.address)
     if summary.get("already_finished"):
         print(f"run {summary['name']} is already finished ({summary['epoch']}/{summary['epochs']} epochs): "
@@ -58,34 +55,11 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_from_args(args: argparse.Namespace):
-    """(model, info) from --checkpoint (a file, checkpoint dir or run dir) or --weights, loaded strictly."""
-    from .checkpoint import resolve_checkpoint
-    from .weights import model_from_weights
-
-    path = resolve_checkpoint(args.checkpoint) if args.checkpoint else args.weights
-    return model_from_weights(path, args.model, args.dataset)
-
-
-def _test_images(args: argparse.Namespace, info: dict):
-    """The test split of the dataset: --data, else the data.root of the checkpoint's run."""
-    from .data import load_cifar
-
-    config = info.get("config", {})
-    root = args.data or config.get("data", {}).get("root")
-    if not root:
-        raise DataNotFoundError(f"{info['file']} does not say where its data is: pass --data DIR "
-                                f"(a dir with the {info['dataset']} parquet files or torchvision's pickles)")
-    return load_cifar(root, "test", info["dataset"], False, config.get("data", {}).get("cache_dir")), config
-
-
 def _sweep(args: argparse.Namespace) -> int:
     from . import tune
 
-    extra = {"data": {"root": args.data}} if args.data else {}
-    if args.smoke_test:
-        extra = tune.config_lib._merge(SMOKE_OVERRIDES, extra)
-    sweep = tune.load_sweep(args.config, args.set, extra, name=args.name, storage=args.storage)
+    sweep = tune.load_sweep(args.config, args.set, _overrides(args, SWEEP_SHORTCUTS), name=args.name,
+                            storage=args.storage)
     if args.smoke_test:  # never resume or overwrite the real sweep of the same file
         sweep = dataclasses.replace(sweep, name=f"{sweep.name}-smoke")
     outcome = tune.run_sweep(sweep, resume=args.resume, address=args.address)
@@ -114,11 +88,14 @@ def _report(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
+    from .data import load_test_split
     from .engine import evaluate
+    from .weights import load_model
 
-    model, info = _model_from_args(args)
-    (images, labels), config = _test_images(args, info)
-    perf = config.get("perf", {})
+    model, info = load_model(args.checkpoint, args.weights, args.model, args.dataset)
+    trained_with = info.get("config", {})
+    images, labels = load_test_split(info["dataset"], args.data, trained_with, info["file"])
+    perf = trained_with.get("perf", {})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device, memory_format=torch.channels_last)
     metrics = evaluate(model, images, labels, batch_size=perf.get("eval_batch_size", 500),
@@ -139,12 +116,15 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import NUM_CLASSES, normalize
+    from .constants import NUM_CLASSES
+    from .data import load_test_split, normalize
+    from .errors import DataNotFoundError
     from .export import FORMATS, export_and_check
+    from .weights import load_model
 
-    model, info = _model_from_args(args)
+    model, info = load_model(args.checkpoint, args.weights, args.model, args.dataset)
     try:  # the logit check runs on real test images where the data is at hand, else on fixed random inputs
-        images = normalize(_test_images(args, info)[0][0][:256])
+        images = normalize(load_test_split(info["dataset"], args.data, info.get("config", {}), info["file"])[0][:256])
         batch = f"the first {len(images)} {info['dataset']} test images"
     except DataNotFoundError:
         images = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -161,65 +141,70 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _tensorboard(args: argparse.Namespace) -> int:
-    from .dashboard import serve
+    from .tb_server import serve
 
     serve(args.dir, args.host, args.port)
     return 0
 
 
-def _add_model_source(p: argparse.ArgumentParser) -> None:
+def _run_parent() -> argparse.ArgumentParser:
+    """The flags `train` and `sweep` share."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--data", help="dataset dir: HuggingFace parquet files or cifar-10-batches-py (data.root)")
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local embedded Ray)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set optim.lr=0.05 (repeatable)")
+    p.add_argument("--smoke-test", action="store_true", help="tiny subset, one short epoch (every trial of a sweep)")
+    return p
+
+
+def _model_source_parent() -> argparse.ArgumentParser:
+    """The flags `eval` and `export` share: which weights, which model, which data."""
+    p = argparse.ArgumentParser(add_help=False)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint.pt, a checkpoint dir, or a run dir (its best checkpoint)")
     source.add_argument("--weights", help="a state dict, a ray-resnet checkpoint.pt, or a {'state_dict': ...} file "
                                           "(e.g. from akamaster/pytorch_resnet_cifar10; `module.` prefixes are fine)")
     p.add_argument("--model", help="model name, e.g. resnet20 (default: what the checkpoint says)")
-    p.add_argument("--dataset", choices=["cifar10", "cifar100"],
+    p.add_argument("--dataset", choices=DATASETS,
                    help="the class count to build (default: what the checkpoint says, else cifar10)")
     p.add_argument("--data", help="dataset dir (default: the data.root the run was trained on)")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-resnet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    run_flags, model_source = _run_parent(), _model_source_parent()
 
-    p = sub.add_parser("train", help="train (or resume) one run with Ray Train")
+    p = sub.add_parser("train", parents=[run_flags], help="train (or resume) one run with Ray Train")
     p.add_argument("-c", "--config", type=Path, help="YAML overrides of the reference recipe (configs/*.yaml)")
     p.add_argument("--model", help="model name, e.g. resnet32 (overrides the config's model)")
     p.add_argument("--num-workers", type=int, help="Ray Train workers; the global batch stays optim.batch_size")
-    p.add_argument("--data", help="dataset dir: HuggingFace parquet files or cifar-10-batches-py (data.root)")
     p.add_argument("--download", action="store_true",
                    help="fetch CIFAR with torchvision's downloader if --data holds none (data.download)")
     p.add_argument("--name", help="run name; rerunning with the same name resumes (run.name)")
     p.add_argument("--storage", help="where run dirs go (run.storage, default runs/)")
-    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local embedded Ray)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set optim.lr=0.05 (repeatable)")
-    p.add_argument("--smoke-test", action="store_true", help="tiny subset, one short epoch")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("sweep", help="run (or --resume) a Ray Tune sweep file: grid and/or search over config keys")
+    p = sub.add_parser("sweep", parents=[run_flags],
+                       help="run (or --resume) a Ray Tune sweep file: grid and/or search over config keys")
     p.add_argument("-c", "--config", type=Path, required=True, help="sweep file (configs/sweep_*.yaml)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted sweep: finished trials are kept")
-    p.add_argument("--data", help="dataset dir for every trial (data.root)")
     p.add_argument("--name", help="sweep name (default: the file's name:); the sweep dir is <storage>/<name>")
     p.add_argument("--storage", help="where sweep dirs go (default: the file's storage:, else runs/sweeps)")
-    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local embedded Ray)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key of every trial, e.g. --set schedule.epochs=50 (repeatable)")
-    p.add_argument("--smoke-test", action="store_true", help="every trial on a tiny subset for one short epoch")
     p.set_defaults(func=_sweep)
 
     p = sub.add_parser("report", help="report.md, report.csv and curves.png of a sweep dir (vs the paper's Table 6)")
     p.add_argument("sweep_dir", type=Path, help="a sweep dir, e.g. runs/sweeps/table6")
     p.set_defaults(func=_report)
 
-    p = sub.add_parser("eval", help="test accuracy of a checkpoint or a weights file (strict loading)")
-    _add_model_source(p)
+    p = sub.add_parser("eval", parents=[model_source], help="test accuracy of a checkpoint or a weights file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("export", help="write a model as a state dict, TorchScript or ONNX, and check its logits")
-    _add_model_source(p)
+    p = sub.add_parser("export", parents=[model_source],
+                       help="write a model as a state dict, TorchScript or ONNX, and check its logits")
     p.add_argument("--format", required=True, choices=["state_dict", "torchscript", "onnx"])
     p.add_argument("--output", type=Path, help="file to write (default: <model>-<dataset>.{pt,ts.pt,onnx} here)")
     p.set_defaults(func=_export)
@@ -234,14 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .report import ReportError
-    from .train import RunError
-    from .tune import SweepError
-
     try:
         return args.func(args)
-    except (ConfigError, DataNotFoundError, CheckpointError, RunError, SweepError, ReportError, WeightsError,
-            ExportError, NoRunsError) as e:
+    except UserError as e:
         print(f"ray-resnet: error: {e}", file=sys.stderr)
         return 2
 

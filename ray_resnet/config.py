@@ -4,25 +4,39 @@ project's warmup, label smoothing and random erasing). YAML files and `--set a.b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import os
+
 import yaml
 
+from .constants import DATASETS
+from .errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key and the valid choices."""
+# Where decoded datasets are cached when data.cache_dir is null: $RAY_RESNET_CACHE, else this.
+CACHE_ENV = "RAY_RESNET_CACHE"
+DEFAULT_CACHE_DIR = "~/.cache/ray_resnet"
+
+# Field metadata: the key says where and how a run happens (or how long), not what it computes, so it may change
+# between a run and its resumption. Every other key is part of the recipe.
+RUNTIME = {"runtime": True}
+
+
+def runtime(default: Any) -> Any:
+    return field(default=default, metadata=RUNTIME)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: Literal["cifar10", "cifar100"] = "cifar10"
-    root: str = "data"  # parquet files (HuggingFace layout) or torchvision's cifar-10-batches-py
-    download: bool = False  # fetch with torchvision's downloader when nothing is found under root
-    cache_dir: str | None = None  # decoded uint8 arrays; None: $RAY_RESNET_CACHE or ~/.cache/ray_resnet
+    dataset: Literal[DATASETS] = "cifar10"
+    root: str = runtime("data")  # parquet files (HuggingFace layout) or torchvision's cifar-10-batches-py
+    download: bool = runtime(False)  # fetch with torchvision's downloader when nothing is found under root
+    cache_dir: str | None = runtime(None)  # decoded uint8 arrays; None: $RAY_RESNET_CACHE or ~/.cache/ray_resnet
     train_subset: int | None = None  # class-balanced subset of the training set (quick runs); None: all
     test_subset: int | None = None
     erase_p: float = 0.25  # random erasing probability per image
@@ -40,7 +54,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    epochs: int = 200
+    epochs: int = runtime(200)  # raising it on a finished run trains on
     warmup_epochs: float = 10  # linear, per iteration, from warmup_start_lr to optim.lr
     warmup_start_lr: float = 1e-5
     milestones: tuple[int, ...] = (100, 150)  # epochs where lr is multiplied by gamma
@@ -83,8 +97,13 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    perf: PerfConfig = field(default_factory=PerfConfig)
-    run: RunConfig = field(default_factory=RunConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig, metadata=RUNTIME)
+    run: RunConfig = field(default_factory=RunConfig, metadata=RUNTIME)
+
+
+def cache_dir(configured: str | None) -> Path:
+    """The decoded-dataset cache: data.cache_dir, else $RAY_RESNET_CACHE, else ~/.cache/ray_resnet (absolute)."""
+    return Path(configured or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR).expanduser().resolve()
 
 
 def _type_name(tp: Any) -> str:
@@ -153,11 +172,12 @@ def _build(cls: type, overrides: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict, overrides: dict) -> dict:
+def merge(base: dict, overrides: dict) -> dict:
+    """A copy of nested dict `base` with `overrides` applied key by key (sub-dicts merge, other values replace)."""
     out = dict(base)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -183,6 +203,40 @@ def flatten(nested: dict, prefix: str = "") -> dict:
         else:
             out[prefix + key] = value
     return out
+
+
+def nest(dotted: dict) -> dict:
+    """{"optim.lr": 0.1} -> {"optim": {"lr": 0.1}} (the inverse of flatten)"""
+    out: dict = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+@functools.cache
+def runtime_keys(cls: type | None = None, prefix: str = "", inherited: bool = False) -> frozenset[str]:
+    """Dotted keys marked RUNTIME, or inside a section marked so."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    out: set[str] = set()
+    for f in dataclasses.fields(cls):
+        key, marked = prefix + f.name, inherited or f.metadata.get("runtime", False)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out |= runtime_keys(hints[f.name], key + ".", marked)
+        elif marked:
+            out.add(key)
+    return frozenset(out)
+
+
+def recipe_changes(old: dict, new: dict) -> list[str]:
+    """`key: old -> new` for every recipe key whose value differs (runtime keys may differ)."""
+    a, b, free = flatten(old), flatten(new), runtime_keys()
+    return sorted(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in a.keys() | b.keys()
+                  if a.get(k) != b.get(k) and k not in free)
 
 
 def from_dict(d: dict) -> Config:
@@ -220,9 +274,9 @@ def load_config(path: str | Path | None = None, sets: list[str] = (), extra: dic
             raise ConfigError(f"{path} is not valid YAML: {e}".splitlines()[0]) from None
         if not isinstance(overrides, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-    overrides = _merge(overrides, extra or {})
+    overrides = merge(overrides, extra or {})
     for assignment in sets:
-        overrides = _merge(overrides, parse_set(assignment))
+        overrides = merge(overrides, parse_set(assignment))
     try:
         return from_dict(overrides)
     except ConfigError as e:
@@ -235,4 +289,4 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def replace(cfg: Config, **sections: dict) -> Config:
     """`replace(cfg, run={"name": "x"})`: a copy with some keys of some sections changed."""
-    return from_dict(_merge(to_dict(cfg), sections))
+    return from_dict(merge(to_dict(cfg), sections))

@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import datasets
 
-# The project's recipe normalises with the ImageNet statistics (not CIFAR's own).
-CIFAR_MEAN = (0.485, 0.456, 0.406)
-CIFAR_STD = (0.229, 0.224, 0.225)
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+from .config import cache_dir as resolve_cache_dir
+from .constants import DATASETS, IMAGENET_MEAN, IMAGENET_STD
+from .errors import DataNotFoundError
 
 # Bump when the cached array layout changes so old cache files are never read.
 CACHE_FORMAT_VERSION = 1
@@ -56,10 +55,6 @@ _PICKLE_LAYOUT = {
 }
 
 
-class DataNotFoundError(FileNotFoundError):
-    """No CIFAR source under the given root (and download was not requested)."""
-
-
 def load_cifar(
     root: str | os.PathLike,
     split: str,
@@ -75,8 +70,8 @@ def load_cifar(
     """
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
-    if dataset not in NUM_CLASSES:
-        raise ValueError(f"dataset must be one of {tuple(NUM_CLASSES)}, got {dataset!r}")
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     root = Path(root).expanduser()
 
     found = _find_sources(root, dataset, split)
@@ -88,9 +83,7 @@ def load_cifar(
         raise DataNotFoundError(_not_found_message(root, dataset, split))
     kind, files = found
 
-    if cache_dir is None:
-        cache_dir = os.environ.get("RAY_RESNET_CACHE") or "~/.cache/ray_resnet"
-    cache_dir = Path(cache_dir).expanduser()
+    cache_dir = resolve_cache_dir(cache_dir)
     stem = f"{dataset}-{split}-{_cache_key(dataset, split, files)[:24]}"
     image_path, label_path = cache_dir / f"{stem}.images.npy", cache_dir / f"{stem}.labels.npy"
 
@@ -107,6 +100,18 @@ def load_cifar(
     except OSError as e:  # e.g. a read-only home on a cluster node: still train, just slower next time
         warnings.warn(f"could not write CIFAR cache under {cache_dir}: {e}", stacklevel=2)
     return images, labels
+
+
+def load_test_split(dataset: str, root: str | os.PathLike | None, trained_with: dict,
+                    source: str = "the weights") -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split to evaluate a model on: under `root`, else where the run that trained it (its config dict
+    `trained_with`; {} if unknown) read its data."""
+    data = trained_with.get("data", {})
+    root = root or data.get("root")
+    if not root:
+        raise DataNotFoundError(f"{source} does not say where its data is: pass --data DIR "
+                                f"(a dir with the {dataset} parquet files or torchvision's pickles)")
+    return load_cifar(root, "test", dataset, False, data.get("cache_dir"))
 
 
 def _parquet_patterns(dataset: str, split: str) -> list[str]:
@@ -288,11 +293,11 @@ def take_subset(labels: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
 @functools.cache
 def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # Built once per device: torch.tensor(list, device="cuda") copies from host memory, a host sync per call.
-    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (CIFAR_MEAN, CIFAR_STD))
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
 
 
 def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [B,3,H,W] (any device) -> float32 scaled to [0,1] then standardised by CIFAR_MEAN/STD."""
+    """uint8 [B,3,H,W] (any device) -> float32 scaled to [0,1] then standardised by IMAGENET_MEAN/STD."""
     if images_uint8.dtype != torch.uint8:
         raise TypeError(f"normalize expects uint8 images, got {images_uint8.dtype}")
     mean, std = _mean_std(images_uint8.device)

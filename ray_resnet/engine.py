@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -94,11 +94,14 @@ def train_one_epoch(
     channels_last: bool = True,
     amp: str = "auto",
     world_size: int = 1,
+    on_step: Callable[[int, int, torch.Tensor, float], None] | None = None,
 ) -> dict[str, float]:
     """One pass over `steps` (from data.epoch_batches). `images` are uint8 [N,3,32,32] on any device.
 
     Each rank's loss is its sum over samples divided by the global batch size and multiplied by world_size,
     so DDP's gradient average is the exact mean over the global batch even when ranks hold unequal shares.
+    `on_step(i, global_batch, loss, lr)` runs after step i (0-based) with this rank's mean loss of the batch as a
+    device tensor (reading it syncs the host) and the step's lr.
     """
     device = next(model.parameters()).device
     model.train()
@@ -107,7 +110,7 @@ def train_one_epoch(
     seen = 0
     lr = optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
-    for idx, (_, global_count) in zip(_indices_on(images.device, [idx for idx, _ in steps]), steps):
+    for i, (idx, (_, global_count)) in enumerate(zip(_indices_on(images.device, [idx for idx, _ in steps]), steps)):
         x = _prepare(images[idx], device, channels_last, True, generator, erase_p)
         y = labels[idx].to(device, non_blocking=True)
         with autocast(device, amp):
@@ -121,6 +124,8 @@ def train_one_epoch(
         loss_sum += batch_loss.detach()
         correct += (logits.argmax(1) == y).sum()
         seen += len(idx)
+        if on_step:
+            on_step(i, global_count, batch_loss.detach() / len(idx), lr)
     total_loss, total_correct, total_seen = _global_sum([loss_sum, correct, seen], device)
     elapsed = time.perf_counter() - start
     return {

@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import ExportError
+from .models import build_model
+
 FORMATS = {"state_dict": ".pt", "torchscript": ".ts.pt", "onnx": ".onnx"}
-
-
-class ExportError(RuntimeError):
-    """An export cannot be made as asked (unknown format, missing package); the message says what to install."""
 
 
 def onnx_missing() -> list[str]:
@@ -57,7 +56,6 @@ def exported_logits(path: str | Path, fmt: str, images: torch.Tensor, model_name
     path = Path(path)
     with torch.no_grad():
         if fmt == "state_dict":
-            from .models import build_model
             from .weights import load_weights, read_weights
 
             model = build_model(model_name, num_classes).eval()

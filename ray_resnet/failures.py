@@ -1,4 +1,4 @@
-"""How a run ends when something goes wrong: one clear line saying what happened and what to do.
+"""How a run ends when something goes wrong (the Ray edge): one clear line saying what happened and what to do.
 
 Ray Train restarts a failed worker group from the latest checkpoint up to `run.max_failures` times; when it
 gives up, or when training itself diverges, the driver raises `RunError` instead of a multi-page traceback.
@@ -11,21 +11,7 @@ from pathlib import Path
 import ray
 import ray.train
 
-
-class RunError(RuntimeError):
-    """A run cannot start or go on as asked; the message says why and what to do."""
-
-
-# What a run dir may be: every node writes config.yaml, best/ and tb/ there with plain file I/O.
-SHARED_STORAGE_HINT = ("use a directory every node mounts (EFS on AWS, Filestore on GCP, NFS on-premise; "
-                       "see cluster/README.md)")
-
-
-def check_storage(storage: str) -> None:
-    """Refuse object-store URIs: run dirs are written with local file I/O, which needs a shared filesystem."""
-    if "://" in storage:
-        raise RunError(f"run.storage={storage!r} is a URI, but run dirs (config.yaml, best/, tb/) are written as "
-                       f"files: {SHARED_STORAGE_HINT}, e.g. --storage /mnt/shared/runs")
+from .errors import RunError
 
 
 def worker_logs_dir() -> str:

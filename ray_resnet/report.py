@@ -17,19 +17,16 @@ import yaml
 
 from . import config as config_lib
 from .config import Config, flatten
-from .data import NUM_CLASSES
+from .constants import CONFIG_FILE, NUM_CLASSES, RESULT_FILE, SWEEP_FILE, TB_DIR, TB_TAGS
+from .errors import ReportError
 from .models import build_model, count_parameters, parse_model_name
-from .tune import SWEEP_FILE
 
 # He et al. 2015, Table 6: CIFAR-10 test error (%). resnet110 is the best of 5 runs (mean 6.61 +- 0.16).
 PAPER_ERROR = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97, "resnet110": 6.43,
                "resnet1202": 7.93}
 PAPER_NOTE = {"resnet110": "6.43 (6.61 ± 0.16)"}
 FAMILY = {"A": "ResNet", "B": "ResNet, option B", None: "plain"}
-
-
-class ReportError(ValueError):
-    """The directory is not a sweep dir (or holds no runs); the message says what was expected."""
+CURVE_METRICS = ("train_acc", "test_acc")  # what the curves and the depth trends read from each run's tb/
 
 
 @dataclass
@@ -48,23 +45,23 @@ class Run:
 def read_runs(sweep_dir: Path) -> tuple[dict, list[Run]]:
     sweep_dir = Path(sweep_dir)
     if not (sweep_dir / SWEEP_FILE).is_file():
-        hint = (" (it is one training run: see its result.json and tb/)" if (sweep_dir / "config.yaml").is_file()
+        hint = (" (it is one training run: see its result.json and tb/)" if (sweep_dir / CONFIG_FILE).is_file()
                 else "" if sweep_dir.is_dir() else " (it does not exist)")
         raise ReportError(f"{sweep_dir} is not a sweep dir{hint}: expected {SWEEP_FILE} and one run dir per trial, "
                           "as `ray-resnet sweep` writes them (e.g. runs/sweeps/table6)")
     sweep = yaml.safe_load((sweep_dir / SWEEP_FILE).read_text())
     keys = [k for k in [*(sweep.get("grid") or {}), *(sweep.get("search") or {})] if k != "seed"]
     runs = []
-    for config_file in sorted(sweep_dir.glob("*/config.yaml")):
+    for config_file in sorted(sweep_dir.glob(f"*/{CONFIG_FILE}")):
         run_dir = config_file.parent
         cfg = config_lib.from_dict(yaml.safe_load(config_file.read_text()))
         flat = flatten(config_lib.to_dict(cfg))
-        result_file = run_dir / "result.json"
+        result_file = run_dir / RESULT_FILE
         result = json.loads(result_file.read_text()) if result_file.is_file() else None
         if result and result["epoch"] < result["epochs"]:
             result = None
         run = Run(run_dir.name, cfg, tuple(flat[k] for k in keys) if keys else (cfg.model,), result)
-        run.curve = read_curve(run_dir / "tb")
+        run.curve = read_curve(run_dir / TB_DIR)
         runs.append(run)
     sweep["group_keys"] = keys or ["model"]
     return sweep, runs
@@ -79,15 +76,14 @@ def read_curve(tb_dir: Path) -> dict[int, dict]:
     for events in sorted(tb_dir.glob("events.out.tfevents.*")):  # file names start with their creation time
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
-        tags = [(key, tag) for key, tag in (("train_acc", "train/acc"), ("test_acc", "test/acc"))
-                if tag in acc.Tags()["scalars"]]
+        tags = [(key, TB_TAGS[key]) for key in CURVE_METRICS if TB_TAGS[key] in acc.Tags()["scalars"]]
         file_curve: dict[int, dict] = {}
         for key, tag in tags:
             for event in acc.Scalars(tag):
                 file_curve.setdefault(event.step, {})[key] = event.value
         if file_curve:  # a resumed attempt restarts at its checkpoint: drop what an earlier one logged from there
             curve = {e: m for e, m in curve.items() if e < min(file_curve)} | file_curve
-    return {epoch: m for epoch, m in sorted(curve.items()) if len(m) == 2}
+    return {epoch: m for epoch, m in sorted(curve.items()) if len(m) == len(CURVE_METRICS)}
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+from .constants import IMAGENET_MEAN, IMAGENET_STD
+
 TIMM_PREFIX = "cifar_"
 default_cfgs: dict = {}  # filled on registration; timm's register_model reads it from this module
 
@@ -45,11 +47,10 @@ def register_with_timm() -> None:
     """Register every model of ray_resnet.models with timm (imports timm)."""
     from timm.models import generate_default_cfgs, is_model, register_model
 
-    from .data import CIFAR_MEAN, CIFAR_STD
     from .models import MODEL_NAMES
 
     default_cfgs.update(generate_default_cfgs({
-        TIMM_PREFIX + name: {"input_size": (3, 32, 32), "mean": CIFAR_MEAN, "std": CIFAR_STD, "num_classes": 10,
+        TIMM_PREFIX + name: {"input_size": (3, 32, 32), "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "num_classes": 10,
                              "first_conv": "conv1", "classifier": "linear", "crop_pct": 1.0}
         for name in MODEL_NAMES
     }))

@@ -27,9 +27,10 @@ from typing import Any
 import yaml
 
 from . import config as config_lib
-from .config import Config, ConfigError, flatten
+from .config import Config, flatten, merge, nest
+from .constants import RESULT_FILE, SWEEP_FILE
+from .errors import ConfigError, RunError, SweepError
 
-SWEEP_FILE = "sweep.yaml"  # the resolved sweep, written into the sweep dir: what `--resume` and `report` read
 METRIC, MODE = "test_acc", "max"
 TOP_KEYS = ("name", "storage", "config", "grid", "search", "num_samples", "scheduler", "resources")
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
@@ -38,10 +39,6 @@ ASHA_KEYS = ("grace_period", "reduction_factor")
 RESOURCE_KEYS = {"workers_per_trial": "run.num_workers", "cpus_per_worker": "run.cpus_per_worker",
                  "gpus_per_worker": "run.gpus_per_worker", "max_concurrent_trials": None}
 NAMED_PER_TRIAL = ("run.name", "run.storage")  # the sweep sets these for every trial
-
-
-class SweepError(ValueError):
-    """A sweep file or sweep dir is wrong; the message names the key or path and what to do."""
 
 
 @dataclass(frozen=True)
@@ -70,21 +67,9 @@ class Sweep:
                 "resources": {"max_concurrent_trials": self.max_concurrent_trials}}
 
 
-def nest(dotted: dict) -> dict:
-    """{"optim.lr": 0.1} -> {"optim": {"lr": 0.1}}"""
-    out: dict = {}
-    for key, value in dotted.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
-
-
 def trial_config(sweep: Sweep, values: dict) -> Config:
     """The config of the trial with swept `values` (dotted key -> value); raises ConfigError naming the key."""
-    return config_lib.from_dict(config_lib._merge(sweep.base, nest(values)))
+    return config_lib.from_dict(merge(sweep.base, nest(values)))
 
 
 def _check_key(sweep_base: dict, key: Any, value: Any, where: str) -> None:
@@ -93,7 +78,7 @@ def _check_key(sweep_base: dict, key: Any, value: Any, where: str) -> None:
     if key in NAMED_PER_TRIAL:
         raise SweepError(f"{where}.{key}: the sweep names and places every trial itself; sweep other keys")
     try:
-        config_lib.from_dict(config_lib._merge(sweep_base, nest({key: value})))
+        config_lib.from_dict(merge(sweep_base, nest({key: value})))
     except ConfigError as e:
         raise SweepError(f"{where}.{key}: {e}") from None
 
@@ -154,9 +139,9 @@ def _parse(raw: Any, path: Path, sets, extra: dict, name: str | None, storage: s
     if unknown:
         raise SweepError(f"unknown key '{unknown[0]}'; valid keys: {', '.join(TOP_KEYS)}")
 
-    base = config_lib._merge(_mapping(raw, "config"), extra)
+    base = merge(_mapping(raw, "config"), extra)
     for assignment in sets:
-        base = config_lib._merge(base, config_lib.parse_set(assignment))
+        base = merge(base, config_lib.parse_set(assignment))
     resources = _mapping(raw, "resources")
     unknown = sorted(set(resources) - set(RESOURCE_KEYS))
     if unknown:
@@ -164,14 +149,15 @@ def _parse(raw: Any, path: Path, sets, extra: dict, name: str | None, storage: s
                          + ", ".join(f"resources.{k}" for k in RESOURCE_KEYS))
     for key, config_key in RESOURCE_KEYS.items():
         if config_key and key in resources:
-            base = config_lib._merge(base, nest({config_key: resources[key]}))
+            base = merge(base, nest({config_key: resources[key]}))
     for key in NAMED_PER_TRIAL:
         if flatten(base).get(key) is not None:
             raise SweepError(f"config.{key}: the sweep names and places every trial itself; "
                              "set the sweep's name/storage (or --name/--storage) instead")
     base_cfg = config_lib.from_dict(base)  # names the bad key; also checks the resources' types
-    base = config_lib._merge(base, {"data": {"root": str(Path(base_cfg.data.root).expanduser().resolve()),
-                                             "cache_dir": _cache_dir(base_cfg)}})
+    # Resolved here, so every trial process reads the one dataset and cache, whatever its cwd and environment.
+    base = merge(base, {"data": {"root": str(Path(base_cfg.data.root).expanduser().resolve()),
+                                 "cache_dir": str(config_lib.cache_dir(base_cfg.data.cache_dir))}})
     max_concurrent = resources.get("max_concurrent_trials")
     if max_concurrent is not None and (not isinstance(max_concurrent, int) or max_concurrent < 1):
         raise SweepError(f"resources.max_concurrent_trials: expected an int >= 1 or null, got {max_concurrent!r}")
@@ -200,12 +186,6 @@ def _parse(raw: Any, path: Path, sets, extra: dict, name: str | None, storage: s
                   max_concurrent_trials=max_concurrent)
     grid_configs(sweep)  # combinations may be invalid even where every value is valid alone
     return sweep
-
-
-def _cache_dir(cfg: Config) -> str:
-    """Resolved in the driver so every trial process reads the one cache, whatever its environment."""
-    cache = cfg.data.cache_dir or os.environ.get("RAY_RESNET_CACHE") or "~/.cache/ray_resnet"
-    return str(Path(cache).expanduser().resolve())
 
 
 def _parse_scheduler(raw: Any) -> dict | None:
@@ -298,7 +278,7 @@ def _param_space(sweep: Sweep) -> dict:
 def _max_concurrent(sweep: Sweep) -> int:
     """Trials that fit at once: each trial's worker group has its own placement group outside the trial's own
     (tiny) resources, so Tune must not start more trials than the cluster has room for their workers."""
-    from .train import RunError, plan_resources, worker_slots
+    from .train import plan_resources, worker_slots
 
     fits = []
     for cfg in grid_configs(sweep):
@@ -379,7 +359,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
         )
     results = tuner.fit()
     errors = [str(r.error).splitlines()[0][:300] for r in results if r.error]
-    summaries = [json.loads(f.read_text()) for f in sweep.dir.glob("*/result.json")]
+    summaries = [json.loads(f.read_text()) for f in sweep.dir.glob(f"*/{RESULT_FILE}")]
     finished = sum(1 for s in summaries if s["epoch"] >= s["epochs"])
     return {"dir": str(sweep.dir), "trials": trial_count(sweep), "finished": finished,
             "errors": errors, "max_concurrent_trials": max_concurrent}

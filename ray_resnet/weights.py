@@ -14,6 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import describe as describe_checkpoint
+from .checkpoint import is_checkpoint, resolve_checkpoint
+from .constants import NUM_CLASSES
+from .errors import WeightsError
 from .models import build_model, parse_model_name
 
 # Prefixes wrappers add to every key: nn.DataParallel / DDP ("module."), torch.compile ("_orig_mod.").
@@ -22,10 +26,6 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 OPTIONAL_SUFFIX = ".num_batches_tracked"
 # How many key names an error message lists before it says "+N more".
 LISTED_KEYS = 12
-
-
-class WeightsError(ValueError):
-    """A weights file is unreadable, not a state dict, or does not fit the model; the message says which keys."""
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -52,10 +52,8 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             "expected a state dict, a ray-resnet checkpoint.pt, or a {'state_dict': ...} file saved with torch.save"
         ) from None
     info: dict = {"file": str(path)}
-    if isinstance(obj, dict) and "model" in obj and "config" in obj:
-        config = obj["config"]
-        info.update(format="ray-resnet checkpoint", model=config.get("model"), epoch=obj.get("epoch"),
-                    dataset=config.get("data", {}).get("dataset"), config=config)
+    if is_checkpoint(obj):
+        info.update(format="ray-resnet checkpoint", **describe_checkpoint(obj))
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         info["format"] = "{'state_dict': ...} wrapper"
@@ -125,8 +123,6 @@ def model_from_weights(path: str | Path, model: str | None = None, dataset: str 
     if not model:
         raise WeightsError(f"{path} is a {info['format']} that does not name its model: pass --model "
                            f"(e.g. resnet20; the file has {describe(state)})")
-    from .data import NUM_CLASSES  # here, not at the top: torch.hub users need torch alone
-
     dataset = dataset or info.get("dataset") or "cifar10"
     try:
         parse_model_name(model)
@@ -137,3 +133,10 @@ def model_from_weights(path: str | Path, model: str | None = None, dataset: str 
     net = build_model(model, NUM_CLASSES[dataset])
     load_weights(net, state, f"the weights in {path}")
     return net, {**info, "model": model, "dataset": dataset}
+
+
+def load_model(checkpoint: str | Path | None = None, weights: str | Path | None = None, model: str | None = None,
+               dataset: str | None = None) -> tuple[nn.Module, dict]:
+    """(model, info) from a checkpoint (a checkpoint.pt, a checkpoint dir, or a run dir: its best checkpoint) or a
+    weights file, loaded strictly; `model`/`dataset` default to what the file says."""
+    return model_from_weights(resolve_checkpoint(checkpoint) if checkpoint else weights, model, dataset)

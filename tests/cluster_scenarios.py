@@ -93,7 +93,7 @@ def main(scenario: str, root: str, storage: str) -> dict:
         summary = out["summary"]
         if isinstance(summary, dict) and summary.get("checkpoint"):
             out["single_process_test_acc"] = single_process_test_acc(cfg, summary["checkpoint"])
-            out["worker_nodes"] = load_checkpoint(summary["checkpoint"])["metrics"]["worker_nodes"]
+            out["worker_nodes"] = summary["worker_nodes"]
         return out
     finally:
         ray.shutdown()

@@ -14,6 +14,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "cifar10"
 
 
+def pytest_collection_modifyitems(items):
+    for item in items:  # a test on the session's Ray is a Ray test, marked or not
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray

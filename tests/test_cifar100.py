@@ -11,7 +11,7 @@ from fixtures import random_cifar, write_parquet_cifar, write_torchvision_cifar
 from ray_resnet import cli
 from ray_resnet.checkpoint import load_checkpoint
 from ray_resnet.config import load_config
-from ray_resnet.data import NUM_CLASSES
+from ray_resnet.constants import NUM_CLASSES
 from ray_resnet.models import build_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -29,6 +29,7 @@ from ray_resnet.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # ray and ray-resnet of this environment
+pytestmark = pytest.mark.ray
 CLUSTER_YAMLS = sorted((REPO / "cluster").glob("*.yaml"))
 
 
@@ -177,7 +178,8 @@ def test_two_nodes_spread_workers_and_agree_on_test_accuracy(real_cifar_small, t
 @pytest.mark.usefixtures("ray_local")
 def test_autoscaling_clusters_skip_the_fit_check_and_ask_for_gpus():
     from ray_resnet.config import load_config
-    from ray_resnet.train import RunError, plan_resources
+    from ray_resnet.errors import RunError
+    from ray_resnet.train import plan_resources
 
     # 4 GPU workers on this 2-CPU, 0-GPU Ray: refused at once, unless the cluster adds GPU nodes on demand.
     with pytest.raises(RunError, match="do not fit"):

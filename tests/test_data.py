@@ -13,8 +13,9 @@ import torchvision
 from torchvision.transforms import v2
 
 from ray_resnet import data
+from ray_resnet.constants import NUM_CLASSES
+from ray_resnet.errors import DataNotFoundError
 from ray_resnet.data import (
-    DataNotFoundError,
     augment,
     epoch_batches,
     eval_shard,
@@ -37,7 +38,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 def _both_layouts(root: Path, dataset: str):
     """Write the same tiny dataset as parquet (root/hf) and torchvision pickles (root/tv)."""
-    num_classes = data.NUM_CLASSES[dataset]
+    num_classes = NUM_CLASSES[dataset]
     train = random_cifar(25, num_classes, seed=1)
     test = random_cifar(10, num_classes, seed=2)
     write_parquet_cifar(root / "hf", *train, "train", dataset)

@@ -17,7 +17,7 @@ def test_lr_schedule_of_the_recipe(epoch, lr):
     assert lr_at(epoch, 0.1, RECIPE) == pytest.approx(lr)
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of .lr_scheduler.step\(\).")
+@pytest.mark.filterwarnings(r"ignore:Detected call of .lr_scheduler.step\(\).")
 def test_scheduler_steps_per_iteration():
     model = torch.nn.Linear(2, 2)
     opt = make_optimizer(model, OptimConfig())

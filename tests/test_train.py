@@ -9,7 +9,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from ray_resnet import cli
 from ray_resnet.checkpoint import load_checkpoint
 from ray_resnet.config import load_config, replace, save_config
-from ray_resnet.train import RunError, resolve_run, run_training
+from ray_resnet.errors import RunError
+from ray_resnet.rundir import resolve_run
+from ray_resnet.train import run_training
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

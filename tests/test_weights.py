@@ -2,6 +2,7 @@
 `ray-resnet eval --weights` on a fixture dataset written by the test."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -9,11 +10,12 @@ from torch import nn
 
 from fixtures import own_lines, random_cifar, trained_like, write_parquet_cifar
 from ray_resnet import cli
-from ray_resnet.checkpoint import save_checkpoint
+from ray_resnet.checkpoint import load_checkpoint, save_checkpoint
 from ray_resnet.config import Config, to_dict
 from ray_resnet.engine import evaluate
 from ray_resnet.models import build_model
-from ray_resnet.weights import WeightsError, load_weights, model_from_weights, read_weights
+from ray_resnet.errors import CheckpointError, WeightsError
+from ray_resnet.weights import load_weights, model_from_weights, read_weights
 
 
 def save_as(model, fmt, path):
@@ -144,3 +146,17 @@ def test_eval_weights_bad_input_is_one_line_exit_2(tmp_path, test_split, capsys)
         err = own_lines(capsys.readouterr().err)
         assert len(err) == 1 and err[0].startswith("ray-resnet: error: ") and message in err[0]
 
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoints_never_unpickle_code(tmp_path):
+    evil = _RunsCode()
+    evil.marker = tmp_path / "pwned"
+    torch.save({"model": {}, "config": {}, "payload": evil}, tmp_path / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*not a ray-resnet checkpoint"):
+        load_checkpoint(tmp_path)
+    assert not evil.marker.exists()

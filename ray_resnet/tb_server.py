@@ -7,9 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-
-class NoRunsError(FileNotFoundError):
-    """The directory holds no TensorBoard event files."""
+from .errors import NoRunsError
 
 
 def tensorboard_argv(logdir: str | Path, host: str, port: int) -> list[str]:

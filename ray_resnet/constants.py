@@ -1,0 +1,26 @@
+"""Names and numbers several modules share (no imports): datasets, normalisation, run-dir files, metric tags."""
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+DATASETS = tuple(NUM_CLASSES)
+
+# The project's recipe normalises with the ImageNet statistics (timm's default), not CIFAR's own.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# What a run dir holds besides Ray Train's checkpoint_* dirs (see train.py), and a sweep dir's own file.
+CONFIG_FILE = "config.yaml"
+RESULT_FILE = "result.json"
+BEST_DIR = "best"
+TB_DIR = "tb"
+SWEEP_FILE = "sweep.yaml"
+
+# Per-epoch metric (as reported to Ray and kept in checkpoints) -> its TensorBoard tag; `report` reads them back.
+TB_TAGS = {
+    "train_loss": "train/loss",
+    "train_acc": "train/acc",
+    "test_loss": "test/loss",
+    "test_acc": "test/acc",
+    "lr": "lr",
+    "train_images_per_s": "perf/train_images_per_s",
+    "epoch_time_s": "perf/epoch_time_s",
+}

@@ -1,0 +1,47 @@
+"""Errors a user can fix (no Ray, no torch): `ray-resnet` prints their message as one line and exits with 2.
+
+Each message names what is wrong (the key, file, path or URI) and what to do about it. Anything else that
+escapes is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input or a state the user can change; the message says what and how."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config key or value is wrong; the message names the key and the valid choices."""
+
+
+class DataNotFoundError(UserError, FileNotFoundError):
+    """No CIFAR source under the given root (and download was not requested)."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint is missing, truncated or not ours; the message says which file and what to do."""
+
+
+class WeightsError(UserError, ValueError):
+    """A weights file is unreadable, not a state dict, or does not fit the model; the message says which keys."""
+
+
+class ExportError(UserError, RuntimeError):
+    """An export cannot be made as asked (unknown format, missing package); the message says what to install."""
+
+
+class RunError(UserError, RuntimeError):
+    """A run cannot start or go on as asked; the message says why and what to do."""
+
+
+class SweepError(UserError, ValueError):
+    """A sweep file or sweep dir is wrong; the message names the key or path and what to do."""
+
+
+class ReportError(UserError, ValueError):
+    """The directory is not a sweep dir (or holds no runs); the message says what was expected."""
+
+
+class NoRunsError(UserError, FileNotFoundError):
+    """The directory holds no TensorBoard event files."""

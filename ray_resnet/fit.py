@@ -1,0 +1,160 @@
+"""The training loop (pure PyTorch, no Ray): the epochs of one run on one worker of a group of `world` workers.
+
+`fit` owns the epochs: train, evaluate, best tracking and the NaN stop. What happens around them (checkpoint
+files, TensorBoard, reporting to Ray Train) is the caller's, through `Hooks`. Without torch.distributed and
+with the default hooks it is a plain single-process training run (tests and bench/ use it that way).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import Progress, training_state
+from .config import Config, to_dict
+from .constants import NUM_CLASSES
+from .data import epoch_batches, eval_shard, take_subset
+from .engine import compile_model, evaluate, make_optimizer, make_scheduler, train_one_epoch
+from .models import build_model
+
+
+@dataclass
+class Splits:
+    """The decoded dataset (uint8 images [N,3,32,32] and int64 labels, on the device that indexes them) and which of
+    its samples a run trains and tests on. The arrays are shared (read-only), never copied for a subset."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    train_index: torch.Tensor  # sorted indices into train_*: data.train_subset, or all
+    test_index: torch.Tensor
+
+
+def select_splits(cfg: Config, arrays: dict[str, torch.Tensor]) -> Splits:
+    """`arrays` ({train,test}_{images,labels}, as data.load_cifar gives them) with the run's subsets chosen."""
+    return Splits(**arrays, train_index=take_subset(arrays["train_labels"], cfg.data.train_subset, cfg.seed),
+                  test_index=take_subset(arrays["test_labels"], cfg.data.test_subset, cfg.seed))
+
+
+@dataclass
+class Training:
+    """What a worker trains: torchvision's `model` / `model_without_ddp` pair, its optimizer and lr schedule."""
+
+    model: nn.Module  # takes the training steps: `core`, wrapped (DDP) and possibly compiled
+    core: nn.Module  # the module itself: evaluated and checkpointed
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: int  # parameter count of the model
+
+
+class Hooks:
+    """What the caller does at the loop's events, on every rank. These defaults do nothing."""
+
+    def step_end(self, step: int, images: int, loss: torch.Tensor, lr: float) -> None:
+        """After every optimizer step: the run's step count so far (1-based, over epochs), the global batch, this
+        rank's mean loss of its share (a device tensor: reading it syncs the host) and the step's lr."""
+
+    def checkpoint_due(self, state: Callable[[], dict], *, latest: bool, best: bool) -> None:
+        """After an epoch whose state should be kept: `latest` every run.checkpoint_every epochs and after the
+        last, `best` when the test accuracy is the best so far. `state()` builds the checkpoint's contents."""
+
+    def epoch_end(self, metrics: dict) -> None:
+        """After every epoch (after checkpoint_due): its metrics, the same on every rank."""
+
+
+@dataclass
+class Diverged:
+    """fit's result when the training loss became NaN/inf: no restart can fix that, so the run stops."""
+
+    loss: float
+    epoch: int
+
+
+def build_training(cfg: Config, device: torch.device, steps_per_epoch: int,
+                   wrap: Callable[[nn.Module], nn.Module] = lambda model: model) -> Training:
+    """The seeded model on `device` (channels_last if asked), wrapped by `wrap` (e.g. for DDP), compiled if asked."""
+    torch.manual_seed(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
+    core = build_model(cfg.model, NUM_CLASSES[cfg.data.dataset]).to(device)
+    params = sum(p.numel() for p in core.parameters())
+    if cfg.perf.channels_last:
+        core = core.to(memory_format=torch.channels_last)
+    wrapped = wrap(core)
+    optimizer = make_optimizer(wrapped, cfg.optim)
+    return Training(model=compile_model(wrapped, device, cfg.perf.compile, cfg.perf.cuda_graphs), core=core,
+                    optimizer=optimizer, scheduler=make_scheduler(optimizer, cfg.optim.lr, cfg.schedule, steps_per_epoch),
+                    params=params)
+
+
+def steps_per_epoch(cfg: Config, num_train: int, world: int) -> int:
+    return len(epoch_batches(num_train, cfg.optim.batch_size, world, 0, 0, cfg.seed))
+
+
+def epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
+    """Augmentation randomness depends only on (seed, epoch, rank): a resumed run draws what it would have."""
+    state = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(state)
+
+
+def run_epoch(cfg: Config, training: Training, data: Splits, epoch: int, rank: int, world: int,
+              hooks: Sequence[Hooks] = ()) -> dict:
+    """Train epoch `epoch` (0-based) and evaluate the result: the epoch's metrics, summed over the ranks."""
+    start = time.perf_counter()
+    steps = [(data.train_index[positions], count) for positions, count in
+             epoch_batches(len(data.train_index), cfg.optim.batch_size, world, rank, epoch, cfg.seed)]
+    first = epoch * len(steps) + 1
+
+    def step_end(i: int, images: int, loss: torch.Tensor, lr: float) -> None:
+        for hook in hooks:
+            hook.step_end(first + i, images, loss, lr)
+    train = train_one_epoch(
+        training.model, training.optimizer, training.scheduler, data.train_images, data.train_labels, steps,
+        epoch_generator(cfg.seed, epoch, rank, data.train_images.device),
+        label_smoothing=cfg.optim.label_smoothing, erase_p=cfg.data.erase_p,
+        channels_last=cfg.perf.channels_last, amp=cfg.perf.amp, world_size=world, on_step=step_end,
+    )
+    if world > 1:  # evaluate rank 0's BN statistics everywhere: the ones the checkpoint holds
+        for buffer in training.core.buffers():
+            dist.broadcast(buffer, 0)
+    test = evaluate(training.core, data.test_images, data.test_labels,
+                    data.test_index[eval_shard(len(data.test_index), world, rank)], batch_size=cfg.perf.eval_batch_size, channels_last=cfg.perf.channels_last, amp=cfg.perf.amp)
+    return {"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train["acc"], "test_loss": test["loss"],
+            "test_acc": test["acc"], "lr": train["lr"], "train_images_per_s": train["images_per_s"],
+            "test_images_per_s": test["images_per_s"], "epoch_time_s": time.perf_counter() - start}
+
+
+def fit(cfg: Config, training: Training, data: Splits, *, rank: int = 0, world: int = 1,
+        progress: Progress | None = None, hooks: Sequence[Hooks] = ()) -> Diverged | None:
+    """Train from `progress` (a resumed run's; default: the start) to cfg.schedule.epochs.
+
+    Returns Diverged if the loss became NaN/inf. Every rank sees the same all-reduced loss, so all stop together.
+    """
+    progress = progress or Progress()
+    config = to_dict(cfg)
+    for epoch in range(progress.epoch, cfg.schedule.epochs):
+        metrics = run_epoch(cfg, training, data, epoch, rank, world, hooks)
+        if not math.isfinite(metrics["train_loss"]):
+            return Diverged(metrics["train_loss"], metrics["epoch"])
+        is_best = metrics["test_acc"] > progress.best_test_acc
+        progress.epoch = metrics["epoch"]
+        if is_best:
+            progress.best_test_acc, progress.best_epoch = metrics["test_acc"], progress.epoch
+        metrics.update(best_test_acc=progress.best_test_acc, best_epoch=progress.best_epoch)
+        latest = progress.epoch % cfg.run.checkpoint_every == 0 or progress.epoch == cfg.schedule.epochs
+        if latest or is_best:
+            def state() -> dict:  # built only where a hook saves it
+                return training_state(training.core, training.optimizer, training.scheduler, progress, config,
+                                      metrics)
+
+            for hook in hooks:
+                hook.checkpoint_due(state, latest=latest, best=is_best)
+        for hook in hooks:
+            hook.epoch_end(metrics)
+    return None

@@ -1,0 +1,86 @@
+"""The training loop without Ray: its hooks, the NaN stop, and a resume from its checkpoint state that trains
+exactly what the uninterrupted run trains."""
+
+import pytest
+import torch
+
+from fixtures import colour_coded_cifar
+from ray_resnet.checkpoint import restore_training_state
+from ray_resnet.config import load_config
+from ray_resnet.fit import Diverged, Hooks, build_training, fit, select_splits, steps_per_epoch
+
+CPU = torch.device("cpu")
+
+
+def _data(cfg, n=96):
+    (train_images, train_labels), (test_images, test_labels) = colour_coded_cifar(n, 0), colour_coded_cifar(40, 1)
+    return select_splits(cfg, {"train_images": train_images, "train_labels": train_labels,
+                               "test_images": test_images, "test_labels": test_labels})
+
+
+def _cfg(*sets):
+    return load_config(None, ["model=resnet8", "optim.batch_size=32", "schedule.warmup_epochs=0", "optim.lr=0.05",
+                              "perf.eval_batch_size=40", *sets])
+
+
+def _training(cfg, data):
+    return build_training(cfg, CPU, steps_per_epoch(cfg, len(data.train_index), 1))
+
+
+class Recorder(Hooks):
+    def __init__(self):
+        self.events, self.states = [], {}
+
+    def step_end(self, step, images, loss, lr):
+        self.events.append(("step", step, images))
+
+    def checkpoint_due(self, state, *, latest, best):
+        contents = state()
+        self.states[contents["epoch"]] = contents
+        self.events.append(("checkpoint", contents["epoch"], latest, best))
+
+    def epoch_end(self, metrics):
+        self.events.append(("epoch", metrics["epoch"]))
+        self.last = metrics
+
+
+def test_fit_calls_its_hooks_in_order_with_the_run_state():
+    cfg = _cfg("schedule.epochs=3", "run.checkpoint_every=2", "data.train_subset=64")
+    data = _data(cfg)
+    hook = Recorder()
+    assert fit(cfg, _training(cfg, data), data, hooks=[hook]) is None
+    steps = [e for e in hook.events if e[0] == "step"]
+    assert steps == [("step", s, 32) for s in range(1, 7)]  # 64 images in batches of 32: 2 steps per epoch
+    checkpoints = [e for e in hook.events if e[0] == "checkpoint"]
+    assert [e[1:3] for e in checkpoints if e[2]] == [(2, True), (3, True)]  # every 2 epochs, and after the last
+    assert all(e[3] for e in checkpoints if not e[2])  # the others are new bests
+    assert hook.events[-1] == ("epoch", 3) and hook.events.index(("epoch", 1)) > hook.events.index(("step", 2, 32))
+    assert {"train_loss", "test_acc", "best_test_acc", "best_epoch", "lr", "epoch_time_s"} <= set(hook.last)
+    state = hook.states[3]
+    assert state["epoch"] == 3 and state["config"]["model"] == "resnet8" and state["metrics"]["epoch"] == 3
+
+
+def test_a_nan_loss_stops_the_loop_at_once():
+    cfg = _cfg("schedule.epochs=3", "optim.lr=1e12")
+    data = _data(cfg)
+    hook = Recorder()
+    outcome = fit(cfg, _training(cfg, data), data, hooks=[hook])
+    assert isinstance(outcome, Diverged) and outcome.epoch == 1 and not torch.isfinite(torch.tensor(outcome.loss))
+    assert not [e for e in hook.events if e[0] in ("checkpoint", "epoch")]
+
+
+def test_resuming_from_the_checkpoint_state_trains_what_the_uninterrupted_run_trains():
+    cfg = _cfg("schedule.epochs=2", "schedule.warmup_epochs=1")  # warmup: the schedule's state matters too
+    data = _data(cfg)
+    whole = _training(cfg, data)
+    fit(cfg, whole, data)
+
+    first = Recorder()
+    fit(_cfg("schedule.epochs=1", "schedule.warmup_epochs=1"), _training(cfg, data), data, hooks=[first])
+    resumed = _training(cfg, data)
+    progress = restore_training_state(first.states[1], resumed.core, resumed.optimizer, resumed.scheduler)
+    assert progress.epoch == 1
+    fit(cfg, resumed, data, progress=progress)
+    for a, b in zip(whole.core.state_dict().values(), resumed.core.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(whole.optimizer.param_groups[0]["lr"])
