@@ -4,8 +4,12 @@
 
   a  the plain community loop: a torchvision-CIFAR10-style dataset of PIL images, torchvision transforms
      (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize), a DataLoader, model, SGD step;
-  b  ray_resnet's engine (`train_one_epoch` / `evaluate`) without Ray, with the default PerfConfig;
+  b  ray_resnet's training loop (`fit.fit`) without Ray, with the default PerfConfig;
   c  the full Ray Train path (`train.run_training`, TorchTrainer) with 1 and with 2 workers.
+
+b and c train one epoch of exactly `--warmup` + `--steps` global batches (a class-balanced subset of the whole
+dataset, which is loaded and shared as in a real run) and evaluate `--eval-images` test images; a `fit` hook
+stamps the end of every step.
 
 Every measurement runs in a fresh subprocess (own memory accounting; no idle Ray daemons taking CPU from a
 and b), and the repeats are interleaved (a, b, c1, c2, a, b, ...) so that load from other users of the
@@ -16,7 +20,6 @@ counts only the steps after the warm-up. Tables show medians over the repeats.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -28,13 +31,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from bench.memory import tree_cpu_seconds, tree_memory
-from ray_resnet.config import PerfConfig
+from ray_resnet.config import Config, PerfConfig, replace
+from ray_resnet.fit import Hooks
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_TAG = "BENCH_RESULT "
@@ -54,32 +57,42 @@ BATCH = 128  # the recipe's (OptimConfig.batch_size), used by every path
 # --------------------------------------------------------------------------------------------- step stamps
 
 
-@contextlib.contextmanager
-def stamped_steps(scheduler, device: torch.device, total: int, warmup: int) -> Iterator[list[float]]:
-    """Wall-clock time (time.time(), comparable across processes) at the end of every step.
+class StepStamps(Hooks):
+    """A `fit` hook: wall-clock time (time.time(), comparable across processes) at the end of every step.
 
-    The engine steps the LR scheduler exactly once per step, last, so wrapping it marks step ends without
-    touching the engine. On CUDA it synchronizes only at the stamps throughput is computed from.
+    On CUDA it synchronizes only at the stamps throughput is computed from.
     """
-    stamps: list[float] = []
-    step = scheduler.step
 
-    def stamped_step(*args, **kwargs):
-        step(*args, **kwargs)
-        if device.type == "cuda" and len(stamps) in (0, warmup - 1, total - 1):
-            torch.cuda.synchronize(device)
-        stamps.append(time.time())
+    def __init__(self, device: torch.device, total: int, warmup: int):
+        self.device, self.total, self.warmup = device, total, warmup
+        self.stamps: list[float] = []
+        self.images: list[int] = []  # global batch of each step
+        self.eval_images_per_s = 0.0
 
-    scheduler.step = stamped_step
-    try:
-        yield stamps
-    finally:
-        del scheduler.step  # the scheduler is checkpointed: its state must not hold the wrapper
+    def step_end(self, step: int, images: int, loss: torch.Tensor, lr: float) -> None:
+        if self.device.type == "cuda" and len(self.stamps) in (0, self.warmup - 1, self.total - 1):
+            torch.cuda.synchronize(self.device)
+        self.stamps.append(time.time())
+        self.images.append(images)
+
+    def epoch_end(self, metrics: dict) -> None:
+        self.eval_images_per_s = metrics["test_images_per_s"]
+
+    def steady_images_per_s(self) -> float:
+        return steady_images_per_s(self.stamps, self.images, self.warmup)
 
 
 def steady_images_per_s(stamps: list[float], images_per_step: list[int], warmup: int) -> float:
     """Images of the steps after the warm-up over their time (from the end of the last warm-up step)."""
     return sum(images_per_step[warmup:]) / (stamps[-1] - stamps[warmup - 1])
+
+
+def bench_config(args: argparse.Namespace, **run) -> Config:
+    """The recipe for one epoch of exactly warmup + steps global batches, evaluated on eval_images test images
+    (subsets of the whole dataset, which is loaded and shared as in a real run)."""
+    return replace(Config(model=args.model), data={"root": args.data, "train_subset": (args.warmup + args.steps) * BATCH,
+                                                   "test_subset": args.eval_images},
+                   schedule={"epochs": 1}, run=run)
 
 
 # ------------------------------------------------------------------------------------ a: the plain loop
@@ -104,7 +117,8 @@ def run_plain(args: argparse.Namespace) -> dict:
     from torchvision import transforms as T
 
     from ray_resnet.config import OptimConfig
-    from ray_resnet.data import CIFAR_MEAN, CIFAR_STD, load_cifar
+    from ray_resnet.constants import IMAGENET_MEAN, IMAGENET_STD
+    from ray_resnet.data import load_cifar
     from ray_resnet.models import build_model
 
     recipe = OptimConfig()
@@ -112,7 +126,7 @@ def run_plain(args: argparse.Namespace) -> dict:
     start = time.time()
     images, labels = load_cifar(args.data, "train")
     test_images, test_labels = load_cifar(args.data, "test")
-    to_tensor = [T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)]
+    to_tensor = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     train_set = PILCifar(images.permute(0, 2, 3, 1).numpy(), labels.numpy(),
                          T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *to_tensor]))
     test_set = PILCifar(test_images[: args.eval_images].permute(0, 2, 3, 1).numpy(),
@@ -163,80 +177,54 @@ def run_plain(args: argparse.Namespace) -> dict:
 
 
 def run_engine(args: argparse.Namespace) -> dict:
-    from ray_resnet.config import Config
-    from ray_resnet.data import epoch_batches, load_cifar
-    from ray_resnet.engine import compile_model, evaluate, make_optimizer, make_scheduler, train_one_epoch
-    from ray_resnet.models import build_model
+    from ray_resnet.data import load_cifar
+    from ray_resnet.fit import build_training, fit, select_splits, steps_per_epoch
 
-    cfg = Config(model=args.model)
+    cfg = bench_config(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.time()
-    images, labels = load_cifar(args.data, "train")
-    test_images, test_labels = load_cifar(args.data, "test")
-    if device.type == "cuda":  # as the Ray worker does: the uint8 set lives on the GPU
-        images, labels, test_images, test_labels = (t.to(device) for t in (images, labels, test_images, test_labels))
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model).to(device)
-    if cfg.perf.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    total = args.warmup + args.steps
-    steps = epoch_batches(len(labels), cfg.optim.batch_size, 1, 0, 0, cfg.seed)[:total]
-    optimizer = make_optimizer(model, cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim.lr, cfg.schedule, len(steps))
-    perf = {"channels_last": cfg.perf.channels_last, "amp": cfg.perf.amp}
-    with stamped_steps(scheduler, device, total, args.warmup) as stamps:
-        train_one_epoch(compile_model(model, device, cfg.perf.compile, cfg.perf.cuda_graphs), optimizer,
-                        scheduler, images, labels, steps, torch.Generator(device).manual_seed(cfg.seed),
-                        label_smoothing=cfg.optim.label_smoothing, erase_p=cfg.data.erase_p, **perf)
-    memory = tree_memory()
-    indices = torch.arange(min(args.eval_images, len(test_labels)))
-    evaluate(model, test_images, test_labels, indices[: cfg.perf.eval_batch_size],  # warm-up
-             batch_size=cfg.perf.eval_batch_size, **perf)
-    test = evaluate(model, test_images, test_labels, indices, batch_size=cfg.perf.eval_batch_size, **perf)
-    return {"train_images_per_s": steady_images_per_s(stamps, [g for _, g in steps], args.warmup),
-            "eval_images_per_s": test["images_per_s"], "first_step_s": stamps[0] - start, "memory": memory,
-            "helper_cores": 0.0}
+    arrays = {}
+    for split in ("train", "test"):
+        images, labels = load_cifar(args.data, split)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images.to(device), labels.to(device)  # as a worker
+    data = select_splits(cfg, arrays)
+    training = build_training(cfg, device, steps_per_epoch(cfg, len(data.train_index), 1))
+    stamps = StepStamps(device, args.warmup + args.steps, args.warmup)
+    fit(cfg, training, data, hooks=[stamps])
+    return {"train_images_per_s": stamps.steady_images_per_s(), "eval_images_per_s": stamps.eval_images_per_s,
+            "first_step_s": stamps.stamps[0] - start, "memory": tree_memory(), "helper_cores": 0.0}
 
 
 # ---------------------------------------------------------------------------------- c: Ray Train path
 
 
-def timed_worker_loop(loop_config: dict) -> None:
-    """`train.train_loop_per_worker`, with the epoch functions wrapped to stamp steps (bench-only)."""
-    import ray.train
+class WorkerStamps(StepStamps):
+    """StepStamps in a Ray Train worker: also the CPU of the path's other processes during the steps and, on rank 0,
+    the memory of the whole process tree after the last step; written to a file per rank at the epoch's end."""
 
-    from ray_resnet import engine
-    from ray_resnet import train as worker
+    def __init__(self, total: int, warmup: int):
+        import ray.train
+        import ray.train.torch
 
-    rank = ray.train.get_context().get_world_rank()
-    warmup = loop_config["bench_warmup"]
-    record: dict = {"rank": rank, "pid": os.getpid()}
+        super().__init__(ray.train.torch.get_device(), total, warmup)
+        self.rank = ray.train.get_context().get_world_rank()
+        self.driver = int(os.environ[DRIVER_PID_ENV])
+        self.record: dict = {"rank": self.rank, "pid": os.getpid()}
 
-    def timed_train(model, optimizer, scheduler, images, labels, steps, *args, **kwargs):
-        steps = steps[: loop_config["bench_steps"]]  # the first steps of the full dataset's first epoch
-        device = next(model.parameters()).device
-        driver = int(os.environ[DRIVER_PID_ENV])
-        ray_cpu, ray_start = tree_cpu_seconds(driver, exclude_prefix=WORKER_NAME), time.time()
-        with stamped_steps(scheduler, device, len(steps), warmup) as stamps:
-            metrics = engine.train_one_epoch(model, optimizer, scheduler, images, labels, steps, *args, **kwargs)
-        record.update(first_step_at=stamps[0],
-                      train_images_per_s=steady_images_per_s(stamps, [g for _, g in steps], warmup),
-                      helper_cores=(tree_cpu_seconds(driver, exclude_prefix=WORKER_NAME) - ray_cpu)
-                      / (time.time() - ray_start))
-        if rank == 0:  # every rank has just finished its steps: the whole tree at its training working set
-            record["memory"] = tree_memory(driver, watch=WORKER_NAME)
-        return metrics
+    def step_end(self, step: int, images: int, loss: torch.Tensor, lr: float) -> None:
+        super().step_end(step, images, loss, lr)
+        if len(self.stamps) in (self.warmup, self.total):
+            self.record[f"helper_cpu_at_{len(self.stamps)}"] = tree_cpu_seconds(self.driver, exclude_prefix=WORKER_NAME)
+        if len(self.stamps) == self.total and self.rank == 0:  # every rank is at its last step: the training set
+            self.record["memory"] = tree_memory(self.driver, watch=WORKER_NAME)
 
-    def timed_evaluate(model, images, labels, indices=None, **kwargs):
-        indices = indices[: loop_config["bench_eval_images"] // ray.train.get_context().get_world_size()]
-        engine.evaluate(model, images, labels, indices[: kwargs["batch_size"]], **kwargs)  # warm-up
-        metrics = engine.evaluate(model, images, labels, indices, **kwargs)
-        record["eval_images_per_s"] = metrics["images_per_s"]
-        return metrics
-
-    worker.train_one_epoch, worker.evaluate = timed_train, timed_evaluate
-    worker.train_loop_per_worker(loop_config)
-    Path(f"{os.environ[TIMING_FILE_ENV]}.rank{rank}").write_text(json.dumps(record))
+    def epoch_end(self, metrics: dict) -> None:
+        super().epoch_end(metrics)
+        cpu = self.record.pop(f"helper_cpu_at_{self.total}") - self.record.pop(f"helper_cpu_at_{self.warmup}")
+        self.record.update(first_step_at=self.stamps[0], train_images_per_s=self.steady_images_per_s(),
+                           eval_images_per_s=self.eval_images_per_s,
+                           helper_cores=cpu / (self.stamps[-1] - self.stamps[self.warmup - 1]))
+        Path(f"{os.environ[TIMING_FILE_ENV]}.rank{self.rank}").write_text(json.dumps(self.record))
 
 
 def run_ray(args: argparse.Namespace, workers: int) -> dict:
@@ -245,11 +233,9 @@ def run_ray(args: argparse.Namespace, workers: int) -> dict:
     import ray
 
     from ray_resnet import train
-    from ray_resnet.config import Config, replace
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ray-"))
-    cfg = replace(Config(model=args.model), data={"root": args.data}, schedule={"epochs": 1},
-                  run={"num_workers": workers, "storage": str(tmp), "name": "bench"})
+    cfg = bench_config(args, num_workers=workers, storage=str(tmp), name="bench")
     timing_file = tmp / "timings"
     start = time.time()
     try:
@@ -258,10 +244,8 @@ def run_ray(args: argparse.Namespace, workers: int) -> dict:
                                            "PYTHONPATH": os.pathsep.join(filter(None, (
                                                str(REPO), os.environ.get("PYTHONPATH"))))}})
         ray_init_s = time.time() - start
-        train.train_loop_per_worker = lambda config: timed_worker_loop(
-            {**config, "bench_warmup": args.warmup, "bench_steps": args.warmup + args.steps,
-             "bench_eval_images": args.eval_images})
-        train.run_training(cfg)
+        total, warmup = args.warmup + args.steps, args.warmup
+        train.run_training(cfg, worker_hooks=lambda: [WorkerStamps(total, warmup)])
         ray.shutdown()
         rank0 = json.loads(Path(f"{timing_file}.rank0").read_text())
     finally:
@@ -324,7 +308,8 @@ def render(args: argparse.Namespace, host: dict, runs: dict[str, list[dict]], wa
         f"- Software: {host['versions']}",
         f"- Date: {host['date']}",
         f"- Workload: {args.model}, batch {BATCH}, {args.warmup} warm-up + {args.steps} timed training steps, "
-        f"evaluation of {args.eval_images} test images after a warm-up batch; repeats: {args.repeats}, interleaved, "
+        f"evaluation of {args.eval_images} test images (a: after a warm-up batch; b, c: the epoch's evaluation, first "
+        f"batch included); repeats: {args.repeats}, interleaved, "
         f"medians; path a uses DataLoader num_workers={args.loader_workers}, evaluation batch 128; b and c use the "
         f"default PerfConfig ({', '.join(f'{k} {v}' for k, v in dataclasses.asdict(PerfConfig()).items())}).",
         "",
