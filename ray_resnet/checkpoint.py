@@ -6,7 +6,6 @@ a run dir never gets to execute pickled code. Every module reads checkpoints thr
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from torch import nn
 
 from .constants import BEST_DIR
 from .errors import CheckpointError
+from .storage import atomic_file
 
 FILENAME = "checkpoint.pt"
 
@@ -26,14 +26,24 @@ class Progress:
     epoch: int = 0  # epochs finished
     best_test_acc: float = 0.0
     best_epoch: int = 0  # 0: none yet
+    best_model: dict | None = None  # the state dict of the best epoch's model (best/ is rewritten from it)
+    best_metrics: dict | None = None
+
+    def new_best(self, core: nn.Module, metrics: dict) -> None:
+        self.best_test_acc, self.best_epoch, self.best_metrics = metrics["test_acc"], metrics["epoch"], metrics
+        self.best_model = {k: v.detach().clone() for k, v in core.state_dict().items()}
 
 
 def training_state(core: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                    progress: Progress, config: dict, metrics: dict) -> dict:
-    """Everything a run resumes from, plus the resolved config and the epoch's metrics (for eval and export)."""
+    """Everything a run resumes from (the best epoch's model included), plus the resolved config and the epoch's
+    metrics (for eval and export)."""
+    model = core.state_dict()
+    best = model if progress.best_epoch == progress.epoch else progress.best_model  # one copy when they agree
     return {
-        "model": core.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "model": model, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "epoch": progress.epoch, "best_test_acc": progress.best_test_acc, "best_epoch": progress.best_epoch,
+        "best": {"model": best, "metrics": progress.best_metrics} if best is not None else None,
         "rng": {"torch": torch.get_rng_state()}, "config": config, "metrics": metrics,
     }
 
@@ -45,7 +55,31 @@ def restore_training_state(state: dict, core: nn.Module, optimizer: torch.optim.
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
-    return Progress(state["epoch"], state["best_test_acc"], state["best_epoch"])
+    best = state.get("best") or {}
+    return Progress(state["epoch"], state["best_test_acc"], state["best_epoch"], best.get("model"),
+                    best.get("metrics"))
+
+
+def best_checkpoint(state: dict) -> dict:
+    """What best/ holds, from a training state: the best epoch's model, metrics and the config (no optimizer)."""
+    best = state["best"]
+    return {"model": best["model"], "config": state["config"], "epoch": state["best_epoch"], "kind": "best",
+            "metrics": best["metrics"], "best_test_acc": state["best_test_acc"], "best_epoch": state["best_epoch"]}
+
+
+def sync_best(state: dict | None, best_dir: str | Path) -> None:
+    """Make best/ agree with the checkpoint a run resumes from (`state`; None: from the start): after a crash it may
+    hold the model of an epoch that is now trained again."""
+    best_file = Path(best_dir) / FILENAME
+    if state is None or not state.get("best"):
+        best_file.unlink(missing_ok=True)
+        return
+    try:
+        current = torch.load(best_file, map_location="cpu", weights_only=True).get("epoch")
+    except Exception:  # missing or unreadable: rewrite it
+        current = None
+    if current != state["best_epoch"]:
+        save_checkpoint(best_checkpoint(state), best_dir)
 
 
 def is_checkpoint(obj: object) -> bool:
@@ -53,20 +87,18 @@ def is_checkpoint(obj: object) -> bool:
 
 
 def describe(state: dict) -> dict:
-    """What a checkpoint says about its model: {"model", "dataset", "epoch", "config"}."""
+    """What a checkpoint says about its model: {"model", "dataset", "epoch", "config", "kind"}; kind "best" for
+    best/ (the epoch of the highest test accuracy), else "epoch" (the model after that epoch)."""
     config = state["config"]
     return {"model": config.get("model"), "dataset": config.get("data", {}).get("dataset"),
-            "epoch": state.get("epoch"), "config": config}
+            "epoch": state.get("epoch"), "config": config, "kind": state.get("kind", "epoch")}
 
 
 def save_checkpoint(state: dict, directory: str | Path) -> Path:
-    """Write atomically: a crash mid-save leaves a `.tmp` file, never a half-written checkpoint.pt."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / FILENAME
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write atomically: a crash mid-save leaves a temp file, never a half-written checkpoint.pt."""
+    path = Path(directory) / FILENAME
+    with atomic_file(path) as f:
+        torch.save(state, f)
     return path
 
 

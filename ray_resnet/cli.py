@@ -16,7 +16,7 @@ from .errors import UserError
 # --smoke-test: a tiny real run for CI and first contact (seconds, not minutes).
 SMOKE_OVERRIDES = {
     "data": {"train_subset": 512, "test_subset": 256},
-    "schedule": {"epochs": 1, "warmup_epochs": 1},
+    "schedule": {"epochs": 1, "warmup_epochs": 1, "milestones": []},
     "optim": {"batch_size": 64},
 }
 # Shortcut flags -> the config keys they set (argparse dest -> dotted key).
@@ -29,7 +29,8 @@ def _overrides(args: argparse.Namespace, shortcuts: dict[str, str]) -> dict:
     """The config overrides of --smoke-test and of the shortcut flags given (not those of --set)."""
     from .config import merge, nest
 
-    given = {key: getattr(args, dest) for dest, key in shortcuts.items() if getattr(args, dest) not in (None, False)}
+    given = {key: getattr(args, dest) for dest, key in shortcuts.items()
+             if getattr(args, dest) is not None and getattr(args, dest) is not False}  # 0 is a value (a bad one)
     return merge(SMOKE_OVERRIDES if args.smoke_test else {}, nest(given))
 
 
@@ -64,10 +65,11 @@ def _sweep(args: argparse.Namespace) -> int:
         sweep = dataclasses.replace(sweep, name=f"{sweep.name}-smoke")
     outcome = tune.run_sweep(sweep, resume=args.resume, address=args.address)
     print(f"sweep {sweep.name}: {outcome['finished']}/{outcome['trials']} trials finished, "
-          f"{len(outcome['errors'])} failed (at most {outcome['max_concurrent_trials']} at once)")
+          f"{outcome['diverged']} diverged (loss NaN/inf), {len(outcome['errors'])} failed "
+          f"(at most {outcome['max_concurrent_trials']} at once)")
     for error in outcome["errors"]:
         print(f"  failed: {error}")
-    unfinished = outcome["trials"] - outcome["finished"] - len(outcome["errors"])
+    unfinished = outcome["trials"] - outcome["finished"] - outcome["diverged"] - len(outcome["errors"])
     if unfinished:
         print(f"{unfinished} trial(s) did not finish: stopped early by ASHA, or interrupted (those continue with the "
               "same command + --resume)")
@@ -90,9 +92,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .data import load_test_split
     from .engine import evaluate
-    from .weights import load_model
 
-    model, info = load_model(args.checkpoint, args.weights, args.model, args.dataset)
+    model, info = _load_model(args)
     trained_with = info.get("config", {})
     images, labels = load_test_split(info["dataset"], args.data, trained_with, info["file"])
     perf = trained_with.get("perf", {})
@@ -102,15 +103,39 @@ def _eval(args: argparse.Namespace) -> int:
                        amp=perf.get("amp", "auto"))
     source = {"checkpoint": str(args.checkpoint)} if args.checkpoint else {"weights": str(args.weights)}
     out = {**source, "format": info["format"], "model": info["model"], "dataset": info["dataset"],
-           "epoch": info.get("epoch"), **metrics}
+           "epoch": info.get("epoch"), "kind": info.get("kind"), "file": info["file"], **metrics}
     if args.json:
         print(json.dumps(out))
     else:
-        epoch = f" (epoch {info['epoch']})" if info.get("epoch") else ""
-        print(f"{info['model']}{epoch} from {info['format']} {info['file']} on {metrics['count']:,} "
-              f"{info['dataset']} test images: top-1 {metrics['acc']:.2f}%, loss {metrics['loss']:.4f}, "
-              f"{metrics['images_per_s']:,.0f} img/s")
+        print(f"{info['model']} from {_which(info)}, {info['file']}, on {metrics['count']:,} {info['dataset']} test "
+              f"images: top-1 {metrics['acc']:.2f}%, loss {metrics['loss']:.4f}, {metrics['images_per_s']:,.0f} img/s")
     return 0
+
+
+def _load_model(args: argparse.Namespace):
+    """(model, info) of --checkpoint (its best, or with --final its latest checkpoint) or --weights."""
+    from .errors import CheckpointError
+    from .rundir import latest_checkpoint
+    from .weights import load_model
+
+    checkpoint = args.checkpoint
+    if args.final:
+        checkpoint = latest_checkpoint(Path(args.checkpoint)) if args.checkpoint else None
+        if checkpoint is None:
+            raise CheckpointError(f"--final needs --checkpoint RUN_DIR of a run with a committed checkpoint; "
+                                  f"{args.checkpoint or '--weights'} has none")
+    return load_model(checkpoint, args.weights, args.model, args.dataset)
+
+
+def _which(info: dict) -> str:
+    """Which model of a run a weights file holds, in words."""
+    if info.get("kind") == "best":
+        return (f"the best checkpoint (epoch {info['epoch']}: the highest test accuracy during training, i.e. selected "
+                "on the test set, an optimistic estimate; --final evaluates the last epoch)")
+    if info.get("kind") == "epoch":
+        epochs = info["config"].get("schedule", {}).get("epochs")
+        return f"the {'final ' if info['epoch'] == epochs else ''}checkpoint of epoch {info['epoch']}"
+    return f"a {info['format']}"
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -120,9 +145,8 @@ def _export(args: argparse.Namespace) -> int:
     from .data import load_test_split, normalize
     from .errors import DataNotFoundError
     from .export import FORMATS, export_and_check
-    from .weights import load_model
 
-    model, info = load_model(args.checkpoint, args.weights, args.model, args.dataset)
+    model, info = _load_model(args)
     try:  # the logit check runs on real test images where the data is at hand, else on fixed random inputs
         images = normalize(load_test_split(info["dataset"], args.data, info.get("config", {}), info["file"])[0][:256])
         batch = f"the first {len(images)} {info['dataset']} test images"
@@ -169,6 +193,8 @@ def _model_source_parent() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=DATASETS,
                    help="the class count to build (default: what the checkpoint says, else cifar10)")
     p.add_argument("--data", help="dataset dir (default: the data.root the run was trained on)")
+    p.add_argument("--final", action="store_true",
+                   help="with --checkpoint RUN_DIR: its final (latest) checkpoint instead of the best one")
     return p
 
 

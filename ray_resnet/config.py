@@ -5,67 +5,94 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import os
-
 import yaml
 
 from .constants import DATASETS
 from .errors import ConfigError
+from .storage import write_text
 
 # Where decoded datasets are cached when data.cache_dir is null: $RAY_RESNET_CACHE, else this.
 CACHE_ENV = "RAY_RESNET_CACHE"
 DEFAULT_CACHE_DIR = "~/.cache/ray_resnet"
-
-# Field metadata: the key says where and how a run happens (or how long), not what it computes, so it may change
-# between a run and its resumption. Every other key is part of the recipe.
-RUNTIME = {"runtime": True}
+_COMPARE = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
 
-def runtime(default: Any) -> Any:
-    return field(default=default, metadata=RUNTIME)
+@dataclass(frozen=True)
+class Allowed:
+    """A numeric key's allowed values as they read, `x` standing for the value: "x > 0", "0 <= x < 1"."""
+
+    text: str
+
+    def __post_init__(self):
+        self.admits(0)  # a malformed range fails at import, not at a user's first run
+
+    def admits(self, value: float) -> bool:
+        left, _, right = self.text.partition("x")
+        ok = True
+        if left.strip():
+            bound, op = left.split()
+            ok = ok and _COMPARE[op](float(bound), value)
+        if right.strip():
+            op, bound = right.split()
+            ok = ok and _COMPARE[op](value, float(bound))
+        return ok
+
+    def describe(self, name: str) -> str:
+        return self.text.replace("x", name)
+
+
+def setting(default: Any, allowed: str | None = None, *, runtime: bool = False) -> Any:
+    """A config field: its default, its allowed range (for a list: of each element), and whether it is a runtime
+    key: one that says where and how a run happens (or how long), not what it computes, so it may change between a
+    run and its resumption. Every other key is part of the recipe."""
+    return field(default=default, metadata={"allowed": Allowed(allowed) if allowed else None, "runtime": runtime})
 
 
 @dataclass(frozen=True)
 class DataConfig:
     dataset: Literal[DATASETS] = "cifar10"
-    root: str = runtime("data")  # parquet files (HuggingFace layout) or torchvision's cifar-10-batches-py
-    download: bool = runtime(False)  # fetch with torchvision's downloader when nothing is found under root
-    cache_dir: str | None = runtime(None)  # decoded uint8 arrays; None: $RAY_RESNET_CACHE or ~/.cache/ray_resnet
-    train_subset: int | None = None  # class-balanced subset of the training set (quick runs); None: all
-    test_subset: int | None = None
-    erase_p: float = 0.25  # random erasing probability per image
+    # parquet files (HuggingFace layout) or torchvision's cifar-10-batches-py
+    root: str = setting("data", runtime=True)
+    download: bool = setting(False, runtime=True)  # fetch with torchvision's downloader when root holds nothing
+    cache_dir: str | None = setting(None, runtime=True)  # decoded arrays; None: $RAY_RESNET_CACHE or ~/.cache/ray_resnet
+    train_subset: int | None = setting(None, "x >= 1")  # class-balanced subset of the training set; None: all
+    test_subset: int | None = setting(None, "x >= 1")
+    erase_p: float = setting(0.25, "0 <= x <= 1")  # random erasing probability per image
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    lr: float = setting(0.1, "x > 0")
+    momentum: float = setting(0.9, "0 <= x < 1")
+    weight_decay: float = setting(1e-4, "x >= 0")
     nesterov: bool = False
-    batch_size: int = 128  # global batch, split across all workers: the recipe is the same at any scale
-    label_smoothing: float = 0.1
+    batch_size: int = setting(128, "x >= 1")  # global batch, split across all workers: the same recipe at any scale
+    label_smoothing: float = setting(0.1, "0 <= x < 1")
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    epochs: int = runtime(200)  # raising it on a finished run trains on
-    warmup_epochs: float = 10  # linear, per iteration, from warmup_start_lr to optim.lr
-    warmup_start_lr: float = 1e-5
-    milestones: tuple[int, ...] = (100, 150)  # epochs where lr is multiplied by gamma
-    gamma: float = 0.1
+    epochs: int = setting(200, "x >= 1", runtime=True)  # raising it on a finished run trains on
+    warmup_epochs: float = setting(10, "x >= 0")  # linear, per iteration, from warmup_start_lr to optim.lr
+    warmup_start_lr: float = setting(1e-5, "x >= 0")
+    milestones: tuple[int, ...] = setting((100, 150), "x >= 1")  # epochs where lr is multiplied by gamma
+    gamma: float = setting(0.1, "0 < x <= 1")
 
 
 @dataclass(frozen=True)
 class PerfConfig:
     channels_last: bool = True  # 1.2-1.4x faster convolutions on CPU and on tensor-core GPUs
     amp: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    eval_batch_size: int = 500  # larger batches overflow the CPU's L3 cache (2x slower per image at 1000)
+    # larger batches overflow the CPU's L3 cache (2x slower per image at 1000)
+    eval_batch_size: int = setting(500, "x >= 1")
     # torch.compile the training model. auto: on CUDA only (on 2 CPU cores compiling costs more than it saves).
     # Off by default until the compiled GPU path has been measured on a GPU (none was lent so far).
     compile: Literal["auto", "on", "off"] = "off"
@@ -76,13 +103,14 @@ class PerfConfig:
 class RunConfig:
     name: str | None = None  # None: <model>-<dataset>-s<seed>; rerunning with the same name resumes
     storage: str = "runs"  # run dirs live in <storage>/<name>; on clusters a path every node mounts (no URIs)
-    num_workers: int = 1
+    num_workers: int = setting(1, "x >= 1")
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs when the cluster has enough
-    cpus_per_worker: int | None = None  # None: on CPU all cluster CPUs split evenly, on GPU 1
-    gpus_per_worker: float = 1.0  # on GPU; 0.25 packs four small-ResNet workers (sweep trials) on one GPU
-    checkpoint_every: int = 1  # epochs
-    keep_checkpoints: int = 2  # the latest K epoch checkpoints; the best one is kept apart
-    max_failures: int = 3  # worker-group restarts from the latest checkpoint before giving up
+    cpus_per_worker: int | None = setting(None, "x >= 1")  # None: on CPU all cluster CPUs split evenly, on GPU 1
+    gpus_per_worker: float = setting(1.0, "x > 0")  # on GPU; 0.25 packs four small-ResNet workers on one GPU
+    checkpoint_every: int = setting(1, "x >= 1")  # epochs
+    keep_checkpoints: int = setting(2, "x >= 1")  # the latest K epoch checkpoints; the best one is kept apart
+    # Worker-group restarts from the latest checkpoint before giving up; -1: no limit (Ray's convention).
+    max_failures: int = setting(3, "x >= -1")
     # How workers spread over nodes (Ray placement group strategy); PACK fills one node first.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # The cluster adds nodes on demand (the cluster/ configs): skip the up-front "do the workers fit" check
@@ -93,12 +121,12 @@ class RunConfig:
 @dataclass(frozen=True)
 class Config:
     model: str = "resnet20"
-    seed: int = 0  # fixes init, data order and augmentation
+    seed: int = setting(0, "x >= 0")  # fixes init, data order and augmentation
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    perf: PerfConfig = field(default_factory=PerfConfig, metadata=RUNTIME)
-    run: RunConfig = field(default_factory=RunConfig, metadata=RUNTIME)
+    perf: PerfConfig = field(default_factory=PerfConfig, metadata={"runtime": True})
+    run: RunConfig = field(default_factory=RunConfig, metadata={"runtime": True})
 
 
 def cache_dir(configured: str | None) -> Path:
@@ -168,8 +196,40 @@ def _build(cls: type, overrides: dict, prefix: str = "") -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, f"{prefix}{name}.")
         else:
-            kwargs[name] = _coerce(value, tp, prefix + name)
+            kwargs[name] = _in_range(_coerce(value, tp, prefix + name), fields[name].metadata.get("allowed"),
+                                     prefix + name)
     return cls(**kwargs)
+
+
+def _in_range(value: Any, allowed: Allowed | None, key: str) -> Any:
+    for element in value if isinstance(value, tuple) else [value]:
+        if allowed and element is not None and not allowed.admits(element):
+            name = key.rsplit(".", 1)[-1]
+            what = f"{list(value)} holds {element!r}, but each value must satisfy" if isinstance(value, tuple) else \
+                f"{element!r} is out of range: it must satisfy"
+            raise ConfigError(f"{key}: {what} {allowed.describe(name)}")
+    return value
+
+
+def _check_rules(cfg: Config) -> None:
+    """The rules that tie keys together; every broken one is named in one error."""
+    s, workers = cfg.schedule, cfg.run.num_workers
+    broken = []
+    if s.warmup_epochs > s.epochs:
+        broken.append(f"schedule.warmup_epochs={s.warmup_epochs:g} is longer than schedule.epochs={s.epochs}")
+    if any(b <= a for a, b in zip(s.milestones, s.milestones[1:])):
+        broken.append(f"schedule.milestones={list(s.milestones)} must increase strictly")
+    if any(m > s.epochs for m in s.milestones):
+        broken.append(f"schedule.milestones={list(s.milestones)} lie beyond schedule.epochs={s.epochs}, so the lr "
+                      "would never drop there (set them for this run's length, or [] for none)")
+    if cfg.optim.batch_size < workers:
+        broken.append(f"optim.batch_size={cfg.optim.batch_size} is the global batch, split across "
+                      f"run.num_workers={workers}: each worker needs at least one image")
+    if cfg.data.train_subset is not None and cfg.data.train_subset < workers:
+        broken.append(f"data.train_subset={cfg.data.train_subset} gives some of the run.num_workers={workers} "
+                      "workers no training image")
+    if broken:
+        raise ConfigError("; ".join(broken))
 
 
 def merge(base: dict, overrides: dict) -> dict:
@@ -219,7 +279,7 @@ def nest(dotted: dict) -> dict:
 
 @functools.cache
 def runtime_keys(cls: type | None = None, prefix: str = "", inherited: bool = False) -> frozenset[str]:
-    """Dotted keys marked RUNTIME, or inside a section marked so."""
+    """Dotted keys marked runtime, or inside a section marked so."""
     cls = cls or Config
     hints = typing.get_type_hints(cls)
     out: set[str] = set()
@@ -239,7 +299,8 @@ def recipe_changes(old: dict, new: dict) -> list[str]:
                   if a.get(k) != b.get(k) and k not in free)
 
 
-def from_dict(d: dict) -> Config:
+def from_dict(d: dict, rules: bool = True) -> Config:
+    """The config `d` overrides, checked key by key and (with `rules`) against the rules that tie keys together."""
     from .models import parse_model_name
 
     cfg = _build(Config, d)
@@ -247,6 +308,8 @@ def from_dict(d: dict) -> Config:
         parse_model_name(cfg.model)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+    if rules:
+        _check_rules(cfg)
     return cfg
 
 
@@ -283,8 +346,18 @@ def load_config(path: str | Path | None = None, sets: list[str] = (), extra: dic
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
+def read_config(path: str | Path) -> Config:
+    """A config a run saved (its config.yaml). The rules between keys are those of the version that wrote it, so
+    only keys and values are checked: a run dir stays readable after an upgrade."""
+    try:
+        return from_dict(yaml.safe_load(Path(path).read_text()) or {}, rules=False)
+    except (OSError, yaml.YAMLError, ConfigError) as e:
+        raise ConfigError(f"cannot read the saved config {path} ({str(e).splitlines()[0][:200]}); move it aside "
+                          "or pass another --name") from None
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def replace(cfg: Config, **sections: dict) -> Config:

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,8 +24,9 @@ from PIL import Image
 from torchvision import datasets
 
 from .config import cache_dir as resolve_cache_dir
-from .constants import DATASETS, IMAGENET_MEAN, IMAGENET_STD
-from .errors import DataNotFoundError
+from .constants import DATASETS, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
+from .errors import DataError, DataNotFoundError
+from .storage import atomic_file
 
 # Bump when the cached array layout changes so old cache files are never read.
 CACHE_FORMAT_VERSION = 1
@@ -89,14 +89,17 @@ def load_cifar(
 
     cached = _load_cached(image_path, label_path)
     if cached is not None:
+        _check_labels(cached[1], dataset, root)
         return cached
     if kind == "parquet":
         images, labels = _read_parquet(files, _PARQUET_LABEL[dataset])
     else:
         images, labels = _read_pickles(files, _PICKLE_LAYOUT[dataset][3])
+    _check_labels(labels, dataset, root)
     try:
-        _save_atomic(image_path, images.numpy())
-        _save_atomic(label_path, labels.numpy())
+        for path, array in ((image_path, images), (label_path, labels)):
+            with atomic_file(path) as f:  # other Ray workers racing on the cache see no file or a whole one
+                np.save(f, array.numpy())
     except OSError as e:  # e.g. a read-only home on a cluster node: still train, just slower next time
         warnings.warn(f"could not write CIFAR cache under {cache_dir}: {e}", stacklevel=2)
     return images, labels
@@ -172,43 +175,72 @@ def _load_cached(image_path: Path, label_path: Path) -> tuple[torch.Tensor, torc
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    # Write a temp file in the same directory, then rename over the target: readers (and other
-    # Ray workers racing on the same cache) see either no file or a complete one.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())  # data on disk before the rename, so power loss cannot leave a torn file
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _read_parquet(files: list[Path], label_column: str) -> tuple[torch.Tensor, torch.Tensor]:
-    table = pa.concat_tables(pq.read_table(f, columns=["img", label_column]) for f in files)
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f, columns=["img", label_column]))
+        except (pa.ArrowInvalid, OSError) as e:  # not parquet, truncated, or without those columns
+            columns = _parquet_columns(f)
+            found = f"its columns are {', '.join(columns)}" if columns else str(e).splitlines()[0][:200]
+            raise DataError(f"cannot read {f} as CIFAR parquet (columns 'img' and '{label_column}'): {found}; "
+                            "use the HuggingFace uoft-cs/cifar10 or cifar100 files, and data.dataset to match") from None
+    table = pa.concat_tables(tables)
+    if table.num_rows == 0:
+        raise DataError(f"{', '.join(str(f) for f in files)} hold no images; point data.root at the full dataset")
     pngs = table.column("img").combine_chunks().field("bytes").to_pylist()
     # PIL, not torchvision.io.decode_png: decode_png is only ~15% faster (~2.9 s vs ~3.3 s for the
     # 50k train PNGs on 2 cores, paid once per cache) but deprecated since torchvision 0.29.
-    nhwc = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in pngs])
+    nhwc = np.stack([_decode_png(png, i, files) for i, png in enumerate(pngs)])
     images = torch.from_numpy(np.ascontiguousarray(nhwc.transpose(0, 3, 1, 2)))
     labels = torch.from_numpy(table.column(label_column).to_numpy().astype(np.int64))
     return images, labels
 
 
+def _parquet_columns(path: Path) -> list[str]:
+    try:
+        return pq.read_schema(path).names
+    except (pa.ArrowInvalid, OSError):
+        return []
+
+
+def _decode_png(png: bytes | None, row: int, files: list[Path]) -> np.ndarray:
+    try:
+        image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    except (OSError, TypeError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise DataError(f"image {row} of {files[0].parent} is not a readable PNG ({type(e).__name__}); "
+                        "the parquet files are damaged: fetch them again") from None
+    if image.shape != (32, 32, 3):
+        raise DataError(f"image {row} of {files[0].parent} is {image.shape[1]}x{image.shape[0]}; CIFAR images are "
+                        "32x32: point data.root at CIFAR-10/100")
+    return image
+
+
 def _read_pickles(files: list[Path], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     data, labels = [], []
     for f in files:
-        with open(f, "rb") as fh:
-            batch = pickle.load(fh, encoding="bytes")  # the official files are Python 2 pickles
-        data.append(np.asarray(batch[b"data"], dtype=np.uint8))
-        labels.extend(batch[label_key])
+        try:
+            with open(f, "rb") as fh:
+                batch = pickle.load(fh, encoding="bytes")  # the official files are Python 2 pickles
+            rows = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3 * 32 * 32)
+            batch_labels = list(batch[label_key])
+        except Exception as e:  # truncated, not a pickle, or not a CIFAR batch: all mean "fetch it again"
+            raise DataError(f"cannot read {f} as a CIFAR batch ({type(e).__name__}: {str(e)[:120]}); it is "
+                            "truncated or not from torchvision's CIFAR download: fetch it again") from None
+        data.append(rows)
+        labels.extend(batch_labels)
     # Rows are 3072 bytes in CHW order (1024 red, 1024 green, 1024 blue), i.e. already NCHW.
     images = np.ascontiguousarray(np.concatenate(data).reshape(-1, 3, 32, 32))
+    if len(images) != len(labels) or not len(images):
+        raise DataError(f"{files[0].parent} holds {len(images)} images and {len(labels)} labels: fetch it again")
     return torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def _check_labels(labels: torch.Tensor, dataset: str, root: Path) -> None:
+    classes = NUM_CLASSES[dataset]
+    if len(labels) and (labels.min() < 0 or labels.max() >= classes):
+        raise DataError(f"labels under {root} run from {int(labels.min())} to {int(labels.max())}, but "
+                        f"{_NAMES[dataset]} has classes 0..{classes - 1}: set data.dataset to match the files")
 
 
 def _seed_from(*values: int) -> int:

@@ -15,7 +15,11 @@ class ConfigError(UserError, ValueError):
     """A config key or value is wrong; the message names the key and the valid choices."""
 
 
-class DataNotFoundError(UserError, FileNotFoundError):
+class DataError(UserError, ValueError):
+    """Dataset files are unreadable or do not hold CIFAR (schema, image size, labels); the message names the file."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
     """No CIFAR source under the given root (and download was not requested)."""
 
 
@@ -33,6 +37,10 @@ class ExportError(UserError, RuntimeError):
 
 class RunError(UserError, RuntimeError):
     """A run cannot start or go on as asked; the message says why and what to do."""
+
+
+class DivergedError(RunError):
+    """The training loss became NaN/inf: no restart can fix that, so the run stops (and stays stopped)."""
 
 
 class SweepError(UserError, ValueError):

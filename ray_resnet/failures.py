@@ -1,7 +1,7 @@
 """How a run ends when something goes wrong (the Ray edge): one clear line saying what happened and what to do.
 
 Ray Train restarts a failed worker group from the latest checkpoint up to `run.max_failures` times; when it
-gives up, or when training itself diverges, the driver raises `RunError` instead of a multi-page traceback.
+gives up, the driver raises `RunError` instead of a multi-page traceback.
 """
 
 from __future__ import annotations
@@ -41,11 +41,3 @@ def fit_or_explain(trainer: ray.train.torch.TorchTrainer, max_failures: int) -> 
             f"({_first_cause(e)}); worker logs: {worker_logs_dir()}; rerun the same command to resume from the "
             f"latest checkpoint, or raise --set run.max_failures=N"
         ) from None
-
-
-def diverged_error(stop: dict, last_checkpoint: str | None, epoch_checkpointed: int) -> RunError:
-    """The training loss became NaN/inf: no restart can fix that, so the run stops at once."""
-    where = (f"the last good checkpoint is {last_checkpoint} (epoch {epoch_checkpointed}), left intact"
-             if last_checkpoint else "no checkpoint was written before it")
-    return RunError(f"training loss became {stop['loss']} in epoch {stop['epoch']}; stopped without retrying: "
-                    f"{where}; lower optim.lr (or raise schedule.warmup_epochs) and start a new --name")

@@ -144,9 +144,10 @@ def fit(cfg: Config, training: Training, data: Splits, *, rank: int = 0, world: 
             return Diverged(metrics["train_loss"], metrics["epoch"])
         is_best = metrics["test_acc"] > progress.best_test_acc
         progress.epoch = metrics["epoch"]
+        metrics.update(best_test_acc=max(progress.best_test_acc, metrics["test_acc"]),
+                       best_epoch=progress.epoch if is_best else progress.best_epoch)
         if is_best:
-            progress.best_test_acc, progress.best_epoch = metrics["test_acc"], progress.epoch
-        metrics.update(best_test_acc=progress.best_test_acc, best_epoch=progress.best_epoch)
+            progress.new_best(training.core, metrics)
         latest = progress.epoch % cfg.run.checkpoint_every == 0 or progress.epoch == cfg.schedule.epochs
         if latest or is_best:
             def state() -> dict:  # built only where a hook saves it

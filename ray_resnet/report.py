@@ -8,7 +8,7 @@ runs make the table, every epoch run so far makes the curves.
 from __future__ import annotations
 
 import csv
-import json
+import io
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,8 @@ from . import config as config_lib
 from .config import Config, flatten
 from .constants import CONFIG_FILE, NUM_CLASSES, RESULT_FILE, SWEEP_FILE, TB_DIR, TB_TAGS
 from .errors import ReportError
+from .rundir import is_finished
+from .storage import read_json, write_atomic, write_text
 from .models import build_model, count_parameters, parse_model_name
 
 # He et al. 2015, Table 6: CIFAR-10 test error (%). resnet110 is the best of 5 runs (mean 6.61 +- 0.16).
@@ -35,6 +37,7 @@ class Run:
     cfg: Config
     group: tuple  # the swept values other than the seed: runs of one group differ only by seed
     finished: dict | None  # result.json of a finished run
+    diverged: dict | None  # result.json of a run whose training loss became NaN/inf
     curve: dict[int, dict] = field(default_factory=dict)  # epoch -> that epoch's metrics
 
     @property
@@ -54,13 +57,12 @@ def read_runs(sweep_dir: Path) -> tuple[dict, list[Run]]:
     runs = []
     for config_file in sorted(sweep_dir.glob(f"*/{CONFIG_FILE}")):
         run_dir = config_file.parent
-        cfg = config_lib.from_dict(yaml.safe_load(config_file.read_text()))
+        cfg = config_lib.read_config(config_file)
         flat = flatten(config_lib.to_dict(cfg))
-        result_file = run_dir / RESULT_FILE
-        result = json.loads(result_file.read_text()) if result_file.is_file() else None
-        if result and result["epoch"] < result["epochs"]:
-            result = None
-        run = Run(run_dir.name, cfg, tuple(flat[k] for k in keys) if keys else (cfg.model,), result)
+        result = read_json(run_dir / RESULT_FILE) or {}
+        finished = result if is_finished(result) else None
+        diverged = result if result.get("status") == "diverged" else None
+        run = Run(run_dir.name, cfg, tuple(flat[k] for k in keys) if keys else (cfg.model,), finished, diverged)
         run.curve = read_curve(run_dir / TB_DIR)
         runs.append(run)
     sweep["group_keys"] = keys or ["model"]
@@ -109,7 +111,10 @@ def summarize(runs: list[Run]) -> list[dict]:
         paper = PAPER_ERROR.get(cfg.model) if cfg.data.dataset == "cifar10" else None
         rows.append({
             "group": group, "model": cfg.model, "params": params[key], "seeds": len(done),
-            "unfinished": [f"{r.name} ({r.epoch}/{r.cfg.schedule.epochs} epochs)" for r in members if not r.finished],
+            "unfinished": [f"{r.name} ({r.epoch}/{r.cfg.schedule.epochs} epochs)" for r in members
+                           if not r.finished and not r.diverged],
+            "diverged": [f"{r.name} (loss {r.diverged['diverged']['loss']} in epoch {r.diverged['diverged']['epoch']})"
+                         for r in members if r.diverged],
             "final_error_mean": mean, "final_error_std": std, "best_final_error": min(errors, default=None),
             "final_train_error_mean": _mean_std(train_errors)[0],
             "paper_error": paper, "diff_vs_paper": None if mean is None or paper is None else mean - paper,
@@ -141,6 +146,10 @@ def _markdown(sweep: dict, sweep_dir: Path, runs: list[Run], rows: list[dict]) -
     unfinished = [u for row in rows for u in row["unfinished"]]
     if unfinished:
         lines += ["", "Not finished (interrupted, running, or stopped early by ASHA): " + ", ".join(unfinished) + "."]
+    diverged = [d for row in rows for d in row["diverged"]]
+    if diverged:
+        lines += ["", "Diverged (training loss NaN/inf; not counted, not rerun by --resume): " + ", ".join(diverged)
+                  + "."]
     lines += _depth_trends(rows)
     lines += ["", "![test error vs epoch](curves.png)", ""]
     return "\n".join(lines)
@@ -192,8 +201,10 @@ def plot_curves(runs: list[Run], path: Path) -> None:
         ax.legend(fontsize="small")
     fig.suptitle("CIFAR test error (bold, mean over seeds, min–max shaded) and training error (dashed)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
+    write_atomic(path, image.getvalue())
 
 
 def write_report(sweep_dir: str | Path) -> dict[str, Path]:
@@ -204,14 +215,14 @@ def write_report(sweep_dir: str | Path) -> dict[str, Path]:
                           "trials to start")
     rows = summarize(runs)
     paths = {"markdown": sweep_dir / "report.md", "csv": sweep_dir / "report.csv", "curves": sweep_dir / "curves.png"}
-    paths["markdown"].write_text(_markdown(sweep, sweep_dir, runs, rows))
-    with open(paths["csv"], "w", newline="") as f:
-        keys = sweep["group_keys"]
-        columns = ["params", "seeds", "final_error_mean", "final_error_std", "best_final_error",
-                   "final_train_error_mean", "paper_error", "diff_vs_paper", "unfinished"]
-        writer = csv.writer(f)
-        writer.writerow([*keys, *columns])
-        for row in rows:
-            writer.writerow([*row["group"], *(";".join(row[c]) if c == "unfinished" else row[c] for c in columns)])
+    write_text(paths["markdown"], _markdown(sweep, sweep_dir, runs, rows))
+    table = io.StringIO()
+    columns = ["params", "seeds", "final_error_mean", "final_error_std", "best_final_error",
+               "final_train_error_mean", "paper_error", "diff_vs_paper", "unfinished", "diverged"]
+    writer = csv.writer(table)
+    writer.writerow([*sweep["group_keys"], *columns])
+    for row in rows:
+        writer.writerow([*row["group"], *(";".join(row[c]) if isinstance(row[c], list) else row[c] for c in columns)])
+    write_text(paths["csv"], table.getvalue())
     plot_curves(runs, paths["curves"])
     return paths

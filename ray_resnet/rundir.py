@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
 from . import config as config_lib
 from .checkpoint import load_checkpoint
 from .config import Config
 from .constants import CONFIG_FILE, RESULT_FILE
-from .errors import CheckpointError, RunError
+from .errors import CheckpointError, DivergedError, RunError
+from .storage import read_json, write_text
 
 # Ray Train's record of the checkpoints it has committed; a rerun resumes from its latest.
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
@@ -47,17 +46,33 @@ def previous_result(cfg: Config) -> dict | None:
     saved = directory / CONFIG_FILE
     if not saved.is_file():
         return None
-    old = config_lib.to_dict(config_lib.from_dict(yaml.safe_load(saved.read_text()) or {}))
+    old = config_lib.to_dict(config_lib.read_config(saved))
     changes = config_lib.recipe_changes(old, config_lib.to_dict(cfg))
     if changes:
         raise RunError(f"run dir {directory} holds a run with another config ({'; '.join(changes[:4])}); "
                        "pass a new --name, or delete that dir to start over")
-    result_file = directory / RESULT_FILE
-    if result_file.is_file():
-        result = json.loads(result_file.read_text())
-        if result.get("epoch", 0) >= cfg.schedule.epochs:
-            return result
+    result = read_json(directory / RESULT_FILE)
+    if result and result.get("status") == "diverged":
+        raise diverged_error(result)
+    if is_finished(result) and result["epoch"] >= cfg.schedule.epochs:
+        return result
     return None
+
+
+def is_finished(result: dict | None) -> bool:
+    """Whether a result.json says its run trained every epoch (files from before "status" existed count too)."""
+    return bool(result) and result.get("status", "finished") == "finished" and \
+        result.get("epoch", 0) >= result.get("epochs", 1)
+
+
+def diverged_error(result: dict) -> DivergedError:
+    """The error of a run whose training loss became NaN/inf (`result`: its result.json)."""
+    stop = result["diverged"]
+    where = (f"the last good checkpoint is {result['checkpoint']} (epoch {result['epoch']}), left intact"
+             if result.get("checkpoint") else "no checkpoint was written before it")
+    return DivergedError(f"run {result['name']}: training loss became {stop['loss']} in epoch {stop['epoch']}; "
+                         f"stopped without retrying: {where}; lower optim.lr (or raise schedule.warmup_epochs) and "
+                         "start a new --name")
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
@@ -88,5 +103,6 @@ def write_config(cfg: Config) -> None:
 
 
 def write_result(directory: Path, summary: dict) -> None:
+    """result.json: a finished run's summary ("status": "finished"), or a diverged one's ("diverged")."""
     # One line: in a sweep the run dir is also the Tune trial dir, whose result.json Tune reads as JSON lines.
-    (directory / RESULT_FILE).write_text(json.dumps(summary) + "\n")
+    write_text(directory / RESULT_FILE, json.dumps(summary) + "\n")

@@ -62,13 +62,15 @@ def register_with_timm() -> None:
 class _RegisterAfterExec:  # a Loader (duck-typed: importlib.abc alone costs ~10 ms to import)
     """timm's own loader, plus registration once the `timm` package has finished executing."""
 
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, loader, hook):
+        self.loader, self.hook = loader, hook
 
     def create_module(self, spec):
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
+        if self.hook in sys.meta_path:  # timm is being imported for real: the hook's work is done
+            sys.meta_path.remove(self.hook)
         self.loader.exec_module(module)
         register_with_timm()
 
@@ -77,14 +79,21 @@ class _RegisterAfterExec:  # a Loader (duck-typed: importlib.abc alone costs ~10
 
 
 class _TimmImportHook:  # a MetaPathFinder
+    """Wraps timm's loader each time timm is looked up; stays on sys.meta_path until timm is really imported
+    (a bare `importlib.util.find_spec("timm")` imports nothing)."""
+
     def find_spec(self, fullname, path, target=None):
         if fullname != "timm":
             return None
-        sys.meta_path.remove(self)  # one shot; the real finders locate timm below
-        spec = importlib.util.find_spec("timm")
-        if spec is not None and spec.loader is not None:
-            spec.loader = _RegisterAfterExec(spec.loader)
-        return spec
+        for finder in sys.meta_path:  # the real finders locate timm
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _RegisterAfterExec(spec.loader, self)
+                return spec
+        return None
 
 
 def register_when_timm_is_imported() -> None:

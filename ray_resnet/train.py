@@ -23,14 +23,15 @@ import torch
 import torch.distributed as dist
 
 from . import config as config_lib
-from .checkpoint import Progress, load_checkpoint, restore_training_state, save_checkpoint
+from .checkpoint import (Progress, best_checkpoint, load_checkpoint, restore_training_state, save_checkpoint,
+                         sync_best)
 from .config import Config
 from .constants import BEST_DIR, TB_DIR
 from .data import load_cifar
-from .errors import RunError
-from .failures import diverged_error, fit_or_explain
+from .errors import ConfigError, RunError, UserError
+from .failures import fit_or_explain
 from .fit import Hooks, Splits, build_training, fit, select_splits, steps_per_epoch
-from .rundir import check_resumable, previous_result, resolve_run, run_dir, write_config, write_result
+from .rundir import check_resumable, diverged_error, previous_result, resolve_run, run_dir, write_config, write_result
 from .runlog import RunLog
 
 # report() waits up to this long for the controller's poll (Ray's default 2 s); printing is done by rank 0 itself.
@@ -46,6 +47,13 @@ def load_dataset(cfg: Config) -> dict[str, np.ndarray]:
         images, labels = load_cifar(cfg.data.root, split, cfg.data.dataset, cfg.data.download, cfg.data.cache_dir)
         out[f"{split}_images"], out[f"{split}_labels"] = images.numpy(), labels.numpy()
     return out
+
+
+def _check_split_fits(cfg: Config, num_train: int) -> None:
+    used = min(cfg.data.train_subset or num_train, num_train)
+    if used < cfg.run.num_workers:
+        raise ConfigError(f"{used} training images cannot be split across run.num_workers={cfg.run.num_workers} "
+                          "workers: use fewer workers or more data")
 
 
 def _worker_splits(cfg: Config, arrays: dict[str, np.ndarray], device: torch.device) -> Splits:
@@ -67,11 +75,15 @@ def _quiet_ray_train_logs() -> None:
             logger.setLevel(logging.WARNING)
 
 
-def _restore(checkpoint: ray.train.Checkpoint | None, training, rank: int) -> Progress:
-    if checkpoint is None:
+def _restore(checkpoint: ray.train.Checkpoint | None, training, rank: int, run_dir: str) -> Progress:
+    state = None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(d)
+    if rank == 0:
+        sync_best(state, os.path.join(run_dir, BEST_DIR))
+    if state is None:
         return Progress()
-    with checkpoint.as_directory() as d:
-        state = load_checkpoint(d)
     progress = restore_training_state(state, training.core, training.optimizer, training.scheduler)
     if rank == 0:
         print(f"resuming from the checkpoint of epoch {progress.epoch}", flush=True)
@@ -101,7 +113,7 @@ class ReportToRay(Hooks):
             self.pending = tempfile.mkdtemp(prefix="checkpoint-")
             save_checkpoint(contents, self.pending)
         if best:
-            save_checkpoint(contents, self.best_dir)
+            save_checkpoint(best_checkpoint(contents), self.best_dir)
 
     def epoch_end(self, metrics: dict) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(self.pending) if self.pending else None
@@ -116,9 +128,17 @@ class ReportToRay(Hooks):
 def train_loop_per_worker(loop_config: dict) -> dict | None:
     """Runs on every Ray Train worker: `fit` from the latest checkpoint, reporting every epoch to Ray Train.
 
-    Returns {"loss", "epoch"} if the loss became NaN/inf (every rank sees the same all-reduced loss, so all
-    return together): an exception would make Ray Train retry `max_failures` times for nothing.
+    Returns {"diverged": {"loss", "epoch"}} if the loss became NaN/inf (every rank sees the same all-reduced loss,
+    so all return together), or {"error": message} for an error the user must fix (bad config or data, the same on
+    every rank): an exception would make Ray Train retry `max_failures` times for nothing.
     """
+    try:
+        return _train_worker(loop_config)
+    except UserError as e:
+        return {"error": str(e)}
+
+
+def _train_worker(loop_config: dict) -> dict | None:
     cfg = config_lib.from_dict(loop_config["config"])
     context = ray.train.get_context()  # [Ray 1] this worker's rank and device
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -128,7 +148,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
     data = _worker_splits(cfg, ray.get(loop_config["data"]), device)  # [Ray 2] the dataset, zero-copy
     training = build_training(cfg, device, steps_per_epoch(cfg, len(data.train_index), world),
                               wrap=ray.train.torch.prepare_model)  # [Ray 3] DDP
-    progress = _restore(ray.train.get_checkpoint(), training, rank)  # [Ray 4] resume
+    progress = _restore(ray.train.get_checkpoint(), training, rank, loop_config["run_dir"])  # [Ray 4] resume
     log = RunLog(os.path.join(loop_config["run_dir"], TB_DIR), cfg, progress.epoch) if rank == 0 else None
     report = ReportToRay(rank, loop_config["run_dir"], {"worker_nodes": _node_ids(world), "params": training.params})
     extra = loop_config["worker_hooks"]() if loop_config["worker_hooks"] else []
@@ -136,7 +156,7 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
                   hooks=[*([log] if log else []), report, *extra])
     if log:
         log.close(training.params, None if outcome else loop_config["hparams"])
-    return dataclasses.asdict(outcome) if outcome else None
+    return {"diverged": dataclasses.asdict(outcome)} if outcome else None
 
 
 def connect(address: str | None) -> None:
@@ -193,6 +213,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     if resume_epoch:
         print(f"resuming run {cfg.run.name} from its epoch-{resume_epoch} checkpoint ({directory})", flush=True)
     arrays = load_dataset(cfg)  # bad data paths fail here, before any Ray process starts
+    _check_split_fits(cfg, len(arrays["train_labels"]))
     connect(address)
     use_gpu, bundle, threads = plan_resources(cfg)
     write_config(cfg)
@@ -211,10 +232,9 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
         ),
     )
     result = fit_or_explain(trainer, cfg.run.max_failures)
-    metrics = result.metrics or {}
-    if result.return_value:  # diverged: no result.json, the run is not finished
-        raise diverged_error(result.return_value, result.checkpoint.path if result.checkpoint else None,
-                             metrics.get("epoch", 0))
+    metrics, stop = result.metrics or {}, result.return_value or {}
+    if "error" in stop:
+        raise RunError(f"{stop['error']} (raised on a worker: stopped without retrying, it would fail again)")
     summary = {
         "name": cfg.run.name, "model": cfg.model, "dataset": cfg.data.dataset, "seed": cfg.seed,
         "params": metrics.get("params"), "epoch": metrics.get("epoch", 0), "epochs": cfg.schedule.epochs,
@@ -222,6 +242,9 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
         "best_epoch": metrics.get("best_epoch"), "wall_time_s": round(time.perf_counter() - start, 1),
         "run_dir": str(directory), "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "best_checkpoint": os.path.join(directory, BEST_DIR), "worker_nodes": metrics.get("worker_nodes"),
+        "status": "diverged" if "diverged" in stop else "finished", **stop,
     }
     write_result(directory, summary)
+    if "diverged" in stop:
+        raise diverged_error(summary)
     return summary

@@ -29,7 +29,9 @@ import yaml
 from . import config as config_lib
 from .config import Config, flatten, merge, nest
 from .constants import RESULT_FILE, SWEEP_FILE
-from .errors import ConfigError, RunError, SweepError
+from .errors import ConfigError, DivergedError, RunError, SweepError
+from .rundir import is_finished
+from .storage import read_json, write_text
 
 METRIC, MODE = "test_acc", "max"
 TOP_KEYS = ("name", "storage", "config", "grid", "search", "num_samples", "scheduler", "resources")
@@ -223,17 +225,25 @@ def trial_count(sweep: Sweep) -> int:
 
 
 def trial_name(sweep: Sweep, values: dict, trial_id: str) -> str:
-    """Readable and unique: <model>-s<seed>[-<key>=<value>...][-<trial index> where values are sampled]."""
+    """Readable and unique: <model>-s<seed>[-<key>=<value>...][-<trial index> where values are sampled].
+
+    A grid value is written in full (repr: two grid values never share a dir), a sampled one to 3 digits (the
+    trial index tells those apart)."""
     cfg = trial_config(sweep, values)
     parts = [cfg.model, f"s{cfg.seed}"]
     for key in sweep.swept:
         if key not in ("model", "seed"):
             value = values[key]
-            parts.append(f"{key.split('.')[-1]}={value:.3g}" if isinstance(value, float) else
-                         f"{key.split('.')[-1]}={value}")
+            parts.append(f"{key.split('.')[-1]}={_shown(value, sampled=key in sweep.search)}")
     if sweep.search or sweep.num_samples > 1:
         parts.append(trial_id.rsplit("_", 1)[-1])  # Tune's per-experiment trial counter, e.g. 00003
     return "-".join(str(p).replace("/", "_").replace(" ", "") for p in parts)
+
+
+def _shown(value: Any, sampled: bool) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if sampled else repr(value)
+    return str(value)
 
 
 def _flat_values(sweep: Sweep, trial_space: dict) -> dict:
@@ -262,7 +272,10 @@ def run_trial(trial_space: dict, sweep: Sweep) -> None:
     name = trial_name(sweep, values, ray.tune.get_context().get_trial_id())
     cfg = config_lib.replace(trial_config(sweep, values), run={"name": name, "storage": str(sweep.dir)})
     hparams = {k: v if isinstance(v, (str, bool, int, float)) else str(v) for k, v in values.items()}
-    run_training(cfg, callbacks=[TuneReportCallback()], hparams=hparams)
+    try:
+        run_training(cfg, callbacks=[TuneReportCallback()], hparams=hparams)
+    except DivergedError:  # recorded in its result.json; a trial Tune counts as errored would rerun on --resume
+        pass
 
 
 def _param_space(sweep: Sweep) -> dict:
@@ -280,8 +293,14 @@ def _max_concurrent(sweep: Sweep) -> int:
     (tiny) resources, so Tune must not start more trials than the cluster has room for their workers."""
     from .train import plan_resources, worker_slots
 
+    configs = grid_configs(sweep)
+    if any(cfg.run.autoscaling for cfg in configs):  # the nodes do not exist yet: nothing to count
+        if not sweep.max_concurrent_trials:  # (Tune would read 0 as "no limit")
+            raise SweepError("with run.autoscaling the cluster cannot say yet how many trials fit: set "
+                             "resources.max_concurrent_trials in the sweep file")
+        return sweep.max_concurrent_trials
     fits = []
-    for cfg in grid_configs(sweep):
+    for cfg in configs:
         try:
             _, bundle, _ = plan_resources(cfg)
         except RunError as e:
@@ -342,7 +361,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
         tuner = tune.Tuner.restore(str(sweep.dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         sweep.dir.mkdir(parents=True, exist_ok=True)
-        (sweep.dir / SWEEP_FILE).write_text(yaml.safe_dump(sweep.as_dict(), sort_keys=False))
+        write_text(sweep.dir / SWEEP_FILE, yaml.safe_dump(sweep.as_dict(), sort_keys=False))
         scheduler = None
         if sweep.asha:
             # time_attr "epoch": Tune's training_iteration restarts at 1 when a trial is resumed. max_t one past the
@@ -359,7 +378,8 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
         )
     results = tuner.fit()
     errors = [str(r.error).splitlines()[0][:300] for r in results if r.error]
-    summaries = [json.loads(f.read_text()) for f in sweep.dir.glob(f"*/{RESULT_FILE}")]
-    finished = sum(1 for s in summaries if s["epoch"] >= s["epochs"])
-    return {"dir": str(sweep.dir), "trials": trial_count(sweep), "finished": finished,
+    summaries = [read_json(f) or {} for f in sweep.dir.glob(f"*/{RESULT_FILE}")]
+    finished = sum(1 for s in summaries if is_finished(s))
+    diverged = sum(1 for s in summaries if s.get("status") == "diverged")
+    return {"dir": str(sweep.dir), "trials": trial_count(sweep), "finished": finished, "diverged": diverged,
             "errors": errors, "max_concurrent_trials": max_concurrent}

@@ -68,10 +68,10 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop a prefix that every key shares (`module.layer1.0.conv1.weight` -> `layer1.0.conv1.weight`)."""
-    for prefix in WRAPPER_PREFIXES:
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    """Drop the prefixes that every key shares, in any nesting (`module.layer1.0.conv1.weight` and, from
+    torch.compile(DDP(model)), `_orig_mod.module.layer1...` -> `layer1.0.conv1.weight`)."""
+    while shared := next((p for p in WRAPPER_PREFIXES if state and all(k.startswith(p) for k in state)), None):
+        state = {k[len(shared):]: v for k, v in state.items()}
     return state
 
 

@@ -28,7 +28,7 @@ OBJECT_STORE = 300 * 1024**2  # bytes per node; cluster_utils' default (150 MiB)
 def _config(root: str, storage: str, name: str, epochs: int):
     return load_config(None, [
         f"data.root={root}", f"run.storage={storage}", f"run.name={name}", f"schedule.epochs={epochs}",
-        "data.train_subset=256", "data.test_subset=200", "optim.batch_size=64", "schedule.warmup_epochs=0",
+        "data.train_subset=256", "data.test_subset=200", "optim.batch_size=64", "schedule.warmup_epochs=0", "schedule.milestones=[]",
         "optim.lr=0.05", "perf.eval_batch_size=200", "run.num_workers=2", "run.cpus_per_worker=1",
         "run.placement_strategy=SPREAD", "run.max_failures=2",
     ])

@@ -31,7 +31,7 @@ def test_cifar100_trains_through_ray_and_evaluates_from_either_layout(ray_local,
     write_parquet_cifar(tmp_path / "parquet", *test, "test", "cifar100")
     argv = ["train", "-c", str(CONFIGS / "cifar100_resnet20.yaml"), "--data", str(tmp_path / "pickles"),
             "--storage", str(tmp_path / "runs"), "--name", "c100"]
-    sets = ["schedule.epochs=1", "schedule.warmup_epochs=0", "optim.batch_size=50", "perf.eval_batch_size=100"]
+    sets = ["schedule.epochs=1", "schedule.warmup_epochs=0", "schedule.milestones=[]", "optim.batch_size=50", "perf.eval_batch_size=100"]
     assert cli.main(argv + [a for s in sets for a in ("--set", s)]) == 0
     run_dir = tmp_path / "runs" / "c100"
     best = load_checkpoint(run_dir)

@@ -32,8 +32,8 @@ def test_every_shipped_config_loads():
 
 def test_set_overrides_parse_yaml_values():
     cfg = load_config(CONFIGS / "quickstart.yaml",
-                      ["optim.lr=0.05", "schedule.milestones=[50, 75]", "optim.weight_decay=5e-4", "run.name=null"])
-    assert cfg.optim.lr == 0.05 and cfg.schedule.milestones == (50, 75)
+                      ["optim.lr=0.05", "schedule.milestones=[1, 2]", "optim.weight_decay=5e-4", "run.name=null"])
+    assert cfg.optim.lr == 0.05 and cfg.schedule.milestones == (1, 2)
     assert cfg.optim.weight_decay == 5e-4 and cfg.run.name is None
     assert cfg.model == "resnet20"  # from the file
     assert parse_set("a.b.c=1") == {"a": {"b": {"c": 1}}}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cluster_scenarios import committed_epoch, run_scenario
@@ -22,6 +23,7 @@ from fixtures import own_lines
 from ray_resnet.checkpoint import load_checkpoint
 from ray_resnet.config import load_config
 from ray_resnet.errors import RunError
+from ray_resnet.fit import Hooks
 from ray_resnet.rundir import latest_checkpoint
 from ray_resnet.train import run_training
 
@@ -29,7 +31,7 @@ pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
 # 256 train images in batches of 64 (4 steps) and 200 test images: one epoch takes a few seconds on 2 cores.
 TINY = ["data.train_subset=256", "data.test_subset=200", "optim.batch_size=64", "schedule.warmup_epochs=0",
-        "optim.lr=0.05", "perf.eval_batch_size=200"]
+        "schedule.milestones=[]", "optim.lr=0.05", "perf.eval_batch_size=200"]
 
 
 def _cfg(root, storage, name, *sets):
@@ -157,8 +159,12 @@ def test_killed_driver_rerun_continues_from_latest_checkpoint(real_cifar_small, 
     resumed = int(re.search(r"resuming from the checkpoint of epoch (\d+)", second.log).group(1))
     assert committed <= resumed <= finished_before_kill and finished_before_kill - resumed <= 1
     assert reported_epochs(second.log) == list(range(resumed + 1, epochs + 1))
-    assert json.loads((run_dir / "result.json").read_text())["epoch"] == epochs
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["epoch"] == epochs
     assert tb_steps(run_dir) == list(range(1, epochs + 1))
+    best, final = load_checkpoint(run_dir / "best"), load_checkpoint(result["checkpoint"])
+    assert best["epoch"] == final["best_epoch"] == result["best_epoch"]  # best/ agrees with the finished run
+    assert all(torch.equal(best["model"][k], v) for k, v in final["best"]["model"].items())
     print(f"\n[fault b] SIGKILL of the driver {killed_at_s:.1f}s after start (epochs done: {finished_before_kill}); "
           f"rerun resumed from epoch {resumed}: {finished_before_kill - resumed} finished epoch(s) lost")
 
@@ -199,24 +205,40 @@ def test_removed_node_run_recovers_on_remaining_node(real_cifar_small, tmp_path)
 
 # --- d. divergence, e. half-written checkpoints: the session's local Ray ------------------------------------
 
+class _PoisonAfterFirstEpoch(Hooks):
+    """Blows the weights up once epoch 1 is checkpointed (hooks run after the run's own), as a too-high learning rate
+    would: epoch 2's loss overflows."""
+
+    def checkpoint_due(self, state, *, latest, best):
+        weights = state()["model"]  # the live tensors of the model
+        if state()["epoch"] == 1:
+            for value in weights.values():
+                if value.is_floating_point():
+                    value.mul_(1e30)
+
+
 @pytest.mark.usefixtures("ray_local")
 def test_nan_loss_stops_at_once_naming_epoch_and_intact_checkpoint(real_cifar_small, tmp_path):
-    # Epoch 1 trains at lr 0.05, then gamma 1e9 makes lr 5e7 from epoch 2: the loss overflows.
-    cfg = _cfg(real_cifar_small, tmp_path, "nan", "schedule.epochs=4", "schedule.milestones=[1]",
-               "schedule.gamma=1e9", "run.max_failures=3")
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    cfg = _cfg(real_cifar_small, tmp_path, "nan", "schedule.epochs=4", "run.max_failures=3")
     run_dir = tmp_path / "nan"
     start = time.perf_counter()
     with pytest.raises(RunError, match=r"training loss became (nan|inf) in epoch 2; stopped without retrying: "
                                        r"the last good checkpoint is .*checkpoint_.* \(epoch 1\), left intact") as e:
-        run_training(cfg)
+        run_training(cfg, worker_hooks=lambda: [_PoisonAfterFirstEpoch()])
     elapsed = time.perf_counter() - start
     checkpoint = str(e.value).split("the last good checkpoint is ")[1].split(" (epoch")[0]
     state = load_checkpoint(checkpoint)
     assert state["epoch"] == 1 and all(v.isfinite().all() for v in state["model"].values() if v.is_floating_point())
     assert load_checkpoint(run_dir / "best")["epoch"] == 1
-    assert not (run_dir / "result.json").exists()  # the run is not "finished"
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["status"] == "diverged" and result["diverged"]["epoch"] == 2  # recorded, not "finished"
     assert tb_steps(run_dir) == [1]
-    print(f"\n[fault d] NaN injected via lr x1e9 at epoch 2: stopped in {elapsed:.1f}s, no retries, "
+    with pytest.raises(RunError, match="run nan: training loss became .* in epoch 2; stopped without retrying"):
+        run_training(cfg)  # a rerun says so instead of training (and, with a lr to blame, diverging) again
+    print(f"\n[fault d] weights blown up after epoch 1 (NaN loss in epoch 2): stopped in {elapsed:.1f}s, no retries, "
           f"last good checkpoint epoch 1")
 
     # Divergence in the very first epoch: nothing to keep, and the message says so.

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fixtures import colour_coded_cifar
-from ray_resnet.checkpoint import restore_training_state
+from ray_resnet.checkpoint import best_checkpoint, load_checkpoint, restore_training_state, save_checkpoint, sync_best
 from ray_resnet.config import load_config
 from ray_resnet.fit import Diverged, Hooks, build_training, fit, select_splits, steps_per_epoch
 
@@ -19,7 +19,8 @@ def _data(cfg, n=96):
 
 
 def _cfg(*sets):
-    return load_config(None, ["model=resnet8", "optim.batch_size=32", "schedule.warmup_epochs=0", "optim.lr=0.05",
+    return load_config(None, ["model=resnet8", "optim.batch_size=32", "schedule.warmup_epochs=0", "schedule.milestones=[]",
+                              "optim.lr=0.05",
                               "perf.eval_batch_size=40", *sets])
 
 
@@ -84,3 +85,39 @@ def test_resuming_from_the_checkpoint_state_trains_what_the_uninterrupted_run_tr
     for a, b in zip(whole.core.state_dict().values(), resumed.core.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(whole.optimizer.param_groups[0]["lr"])
+
+
+def test_best_dir_follows_the_checkpoint_a_run_resumes_from(tmp_path):
+    """A crash after epoch 3 wrote best/ but before its checkpoint was committed: the run resumes from epoch 1,
+    and best/ must not keep the model of epoch 3, which is trained again."""
+    cfg = _cfg("schedule.epochs=3")
+    data = _data(cfg)
+    hook = Recorder()
+    fit(cfg, _training(cfg, data), data, hooks=[hook])
+    best_dir = tmp_path / "best"
+    save_checkpoint(best_checkpoint(hook.states[3]), best_dir)  # what the crashed attempt left
+    committed = hook.states[1]
+
+    sync_best(committed, best_dir)
+    best = load_checkpoint(best_dir)
+    assert best["epoch"] == committed["best_epoch"] == 1 and best["kind"] == "best"
+    for key, value in committed["model"].items():
+        assert torch.equal(best["model"][key], value)
+    before = (best_dir / "checkpoint.pt").stat().st_mtime_ns
+    sync_best(committed, best_dir)  # already in agreement: left alone
+    assert (best_dir / "checkpoint.pt").stat().st_mtime_ns == before
+    sync_best(None, best_dir)  # resumed from the start: no best yet
+    assert not (best_dir / "checkpoint.pt").exists()
+
+
+def test_a_later_checkpoint_still_holds_the_best_epochs_model():
+    cfg = _cfg("schedule.epochs=3", "optim.lr=0.05")
+    data = _data(cfg)
+    hook = Recorder()
+    fit(cfg, _training(cfg, data), data, hooks=[hook])
+    last = hook.states[3]
+    best_epoch = last["best_epoch"]
+    assert last["best"]["metrics"]["epoch"] == best_epoch
+    if best_epoch in hook.states:  # the best epoch's own checkpoint: the same weights
+        for key, value in hook.states[best_epoch]["model"].items():
+            assert torch.equal(last["best"]["model"][key], value)

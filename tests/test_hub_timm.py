@@ -37,7 +37,8 @@ def test_torch_hub_loads_every_model_from_the_repo(tmp_path):
 def test_importing_ray_resnet_does_not_import_timm_but_registers_once_timm_is_imported():
     pytest.importorskip("timm")
     script = (
-        "import sys, ray_resnet; assert 'timm' not in sys.modules\n"
+        "import importlib.util, sys, ray_resnet; assert 'timm' not in sys.modules\n"
+        "assert importlib.util.find_spec('timm') is not None and 'timm' not in sys.modules  # a look, no import\n"
         "import timm; m = timm.create_model('cifar_resnet32', num_classes=100)\n"
         "print(type(m).__name__, m.linear.out_features, len(timm.list_models('cifar_*')))\n"
         "print(timm.data.resolve_model_data_config(m)['input_size'])\n"

@@ -29,7 +29,7 @@ SCALAR_TAGS = {"train/loss", "train/acc", "test/loss", "test/acc", "lr"}
 def finished_run(ray_local, real_cifar_small, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
     cfg = load_config(None, [f"data.root={real_cifar_small}", f"run.storage={storage}", "run.name=served",
-                             f"schedule.epochs={EPOCHS}", "schedule.warmup_epochs=0", "data.train_subset=256",
+                             f"schedule.epochs={EPOCHS}", "schedule.warmup_epochs=0", "schedule.milestones=[]", "data.train_subset=256",
                              "data.test_subset=200", "optim.batch_size=64", "optim.lr=0.05",
                              "perf.eval_batch_size=200"])
     summary = run_training(cfg)

@@ -1,6 +1,8 @@
 """End-to-end training through Ray Train's TorchTrainer on a real local Ray (2 CPUs) and real CIFAR-10 rows."""
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from ray_resnet import cli
 from ray_resnet.checkpoint import load_checkpoint
 from ray_resnet.config import load_config, replace, save_config
-from ray_resnet.errors import RunError
+from ray_resnet.errors import ConfigError, RunError
+from ray_resnet.fit import Hooks
 from ray_resnet.rundir import resolve_run
 from ray_resnet.train import run_training
 
@@ -18,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 def _cfg(root, storage, name, *sets):
     return load_config(None, [f"data.root={root}", f"run.storage={storage}", f"run.name={name}",
-                              "optim.batch_size=128", "schedule.warmup_epochs=0", "optim.lr=0.05",
+                              "optim.batch_size=128", "schedule.warmup_epochs=0", "schedule.milestones=[]", "optim.lr=0.05",
                               "perf.eval_batch_size=250", *sets])
 
 
@@ -51,17 +54,29 @@ def test_two_workers_learn_checkpoint_log_resume_and_eval(real_cifar_small, tmp_
     for tag in ("test/acc", "test/loss", "train/acc", "lr", "perf/train_images_per_s", "perf/epoch_time_s"):
         assert sum(len(f) for f in _scalars(run_dir, tag)) == 3, tag
 
-    # A finished run says so and trains nothing.
-    again = run_training(_cfg(real_cifar_small, tmp_path, "r20", "schedule.epochs=3", "run.num_workers=2"))
+    # A finished run says so and trains nothing, also when its data has moved (data.root is not recipe).
+    moved = tmp_path / "moved-data"
+    shutil.copytree(real_cifar_small, moved)
+    again = run_training(_cfg(moved, tmp_path, "r20", "schedule.epochs=3", "run.num_workers=2"))
     assert again.get("already_finished") and again["epoch"] == 3
 
-    # eval on the best checkpoint reproduces the accuracy recorded during training.
+    # A torn result.json (as an older version could leave it) does not break the rerun: it finishes again.
+    (run_dir / "result.json").write_text('{"name": "r20", "epo')
+    assert run_training(_cfg(real_cifar_small, tmp_path, "r20", "schedule.epochs=3", "run.num_workers=2"))["epoch"] == 3
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "finished"
+
+    # eval on the best checkpoint reproduces the accuracy recorded during training, and says what it evaluated.
     best = load_checkpoint(run_dir)
     assert best["epoch"] == second["best_epoch"]
     assert cli.main(["eval", "--checkpoint", str(run_dir / "best"), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert evaluated["count"] == 500
+    assert evaluated["count"] == 500 and evaluated["kind"] == "best"
     assert evaluated["acc"] == pytest.approx(best["metrics"]["test_acc"], abs=0.41)  # <= 2 borderline flips
+    assert cli.main(["eval", "--checkpoint", str(run_dir)]) == 0
+    assert f"from the best checkpoint (epoch {best['epoch']}: the highest test accuracy during training, i.e. " \
+           "selected on the test set" in capsys.readouterr().out
+    assert cli.main(["eval", "--checkpoint", str(run_dir), "--final"]) == 0
+    assert "from the final checkpoint of epoch 3," in capsys.readouterr().out
 
 
 def test_same_seed_gives_the_same_first_epoch(real_cifar_small, tmp_path):
@@ -114,3 +129,27 @@ def test_cli_smoke_test_trains_and_prints_the_summary(real_cifar_small, tmp_path
     result = json.loads((run_dir / "result.json").read_text())
     assert result["epoch"] == 1 and result["params"] == 269_722
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+
+
+class _FailsLikeBadConfig(Hooks):
+    """Raises an error the user must fix at the first epoch's end, and counts the worker starts."""
+
+    def __init__(self, starts: Path):
+        with starts.open("a") as f:
+            f.write("start\n")
+
+    def epoch_end(self, metrics):
+        raise ConfigError("data.train_subset: this worker cannot use it (raised in the worker)")
+
+
+def test_an_error_a_worker_raises_deterministically_ends_the_run_without_retries(real_cifar_small, tmp_path):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    starts = tmp_path / "starts"
+    cfg = _cfg(real_cifar_small, tmp_path, "det", "schedule.epochs=2", "data.train_subset=128", "run.max_failures=3")
+    with pytest.raises(RunError, match=r"^data.train_subset: this worker cannot use it \(raised in the worker\) "
+                                       r"\(raised on a worker: stopped without retrying"):
+        run_training(cfg, worker_hooks=lambda: [_FailsLikeBadConfig(starts)])
+    assert starts.read_text() == "start\n"  # one worker group, never restarted
+    assert not (tmp_path / "det" / "result.json").exists()

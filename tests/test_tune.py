@@ -1,6 +1,7 @@
 """Ray Tune sweeps on a real local Ray (2 CPUs) and real CIFAR-10 rows, plus sweep-file validation and `report`."""
 
 import csv
+import json
 import os
 import signal
 import threading
@@ -14,12 +15,12 @@ from fixtures import colour_coded_cifar, own_lines, write_parquet_cifar
 from ray_resnet import cli
 from ray_resnet.report import read_runs
 from ray_resnet.errors import SweepError
-from ray_resnet.tune import load_sweep, run_sweep, trial_count
+from ray_resnet.tune import _max_concurrent, load_sweep, run_sweep, trial_count, trial_name
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 # Tiny trials: 1 CPU each so two run at once on the 2-CPU test cluster.
 TINY = {"data": {"train_subset": 128, "test_subset": 64}, "optim": {"batch_size": 64},
-        "schedule": {"epochs": 1, "warmup_epochs": 0}, "perf": {"eval_batch_size": 64}}
+        "schedule": {"epochs": 1, "warmup_epochs": 0, "milestones": []}, "perf": {"eval_batch_size": 64}}
 
 
 def _write(path, sweep):
@@ -127,7 +128,7 @@ def test_grid_sweep_interrupted_resumed_and_reported(real_cifar_small, tmp_path,
     start = time.perf_counter()
     assert cli.main([*args, "--resume"]) == 0
     resume_wall = time.perf_counter() - start
-    assert "sweep grid: 4/4 trials finished, 0 failed" in capsys.readouterr().out
+    assert "sweep grid: 4/4 trials finished, 0 diverged (loss NaN/inf), 0 failed" in capsys.readouterr().out
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [
         "plain20-s0", "plain20-s1", "resnet20-s0", "resnet20-s1"]
     for name, (mtime, text) in finished.items():  # finished trials were not run again
@@ -163,7 +164,7 @@ def test_asha_stops_a_bad_learning_rate_early(tmp_path):
     shipped = yaml.safe_load((CONFIGS / "sweep_lr_wd.yaml").read_text())
     file = _write(tmp_path / "asha.yaml", {
         "name": "asha",
-        "config": {**TINY, "model": "resnet20", "schedule": {"epochs": 2, "warmup_epochs": 0},
+        "config": {**TINY, "model": "resnet20", "schedule": {"epochs": 2, "warmup_epochs": 0, "milestones": []},
                    "optim": {"batch_size": 32}, "data": {"root": str(tmp_path / "easy")},
                    "perf": {"eval_batch_size": 100}},
         "grid": {"optim.lr": [0.05, 1.0e-7]},  # one trial at a time, the good lr first
@@ -182,6 +183,29 @@ def test_asha_stops_a_bad_learning_rate_early(tmp_path):
     assert good - bad >= 15, (good, bad)
 
 
+@pytest.mark.usefixtures("ray_local")
+def test_a_diverged_trial_is_reported_and_not_rerun_by_resume(real_cifar_small, tmp_path, capsys):
+    file = _write(tmp_path / "nan.yaml", {
+        "name": "nan", "config": {**TINY, "data": {**TINY["data"], "root": str(real_cifar_small)},
+                                  "optim": {"batch_size": 32}},  # 4 steps: lr 1e12 overflows within the epoch
+        "grid": {"optim.lr": [0.05, 1.0e12]},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
+    })
+    args = ["sweep", "-c", str(file), "--storage", str(tmp_path / "sweeps")]
+    assert cli.main(args) == 0
+    assert "1/2 trials finished, 1 diverged (loss NaN/inf), 0 failed" in capsys.readouterr().out
+    diverged = tmp_path / "sweeps" / "nan" / "resnet20-s0-lr=1000000000000.0"
+    kept = {p: p.stat().st_mtime_ns for p in diverged.rglob("*") if p.is_file()}
+    assert json.loads((diverged / "result.json").read_text())["status"] == "diverged"
+
+    assert cli.main([*args, "--resume"]) == 0
+    assert "1/2 trials finished, 1 diverged" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in diverged.rglob("*") if p.is_file()} == kept  # not trained again
+    assert cli.main(["report", str(tmp_path / "sweeps" / "nan")]) == 0
+    assert "Diverged (training loss NaN/inf; not counted, not rerun by --resume): resnet20-s0-lr=1000000000000.0 " \
+           "(loss nan in epoch 1)" in capsys.readouterr().out
+
+
 def _fake_run(sweep_dir, model, seed, test_accs, train_accs, epochs):
     """A run dir as a sweep trial leaves it: config.yaml, tb/ per-epoch accuracies, result.json once finished."""
     from torch.utils.tensorboard import SummaryWriter
@@ -190,7 +214,8 @@ def _fake_run(sweep_dir, model, seed, test_accs, train_accs, epochs):
 
     run_dir = sweep_dir / f"{model}-s{seed}"
     run_dir.mkdir(parents=True)
-    save_config(from_dict({"model": model, "seed": seed, "schedule": {"epochs": epochs}}), run_dir / "config.yaml")
+    save_config(from_dict({"model": model, "seed": seed, "schedule": {"epochs": epochs, "warmup_epochs": 0, "milestones": []}}),
+                run_dir / "config.yaml")
     with SummaryWriter(str(run_dir / "tb")) as writer:
         for epoch, (test, train) in enumerate(zip(test_accs, train_accs), start=1):
             writer.add_scalar("test/acc", test, epoch)
@@ -229,3 +254,19 @@ def test_report_of_a_partial_degradation_sweep(tmp_path):
     import matplotlib.image
 
     assert matplotlib.image.imread(sweep_dir / "curves.png").shape[1] > 1000  # two panels: plain and ResNet
+
+
+def test_trial_names_tell_close_grid_values_apart(tmp_path):
+    sweep = load_sweep(_write(tmp_path / "close.yaml", {"grid": {"optim.lr": [0.1234, 0.1235], "seed": [0]}}))
+    names = [trial_name(sweep, {"optim.lr": lr, "seed": 0}, "t_00001") for lr in (0.1234, 0.1235)]
+    assert names == ["resnet20-s0-lr=0.1234", "resnet20-s0-lr=0.1235"]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_autoscaling_sweeps_name_their_concurrency(tmp_path):
+    file = _write(tmp_path / "auto.yaml", {"config": {"run": {"autoscaling": True}}, "grid": {"seed": [0, 1]}})
+    with pytest.raises(SweepError, match="set resources.max_concurrent_trials"):
+        _max_concurrent(load_sweep(file))  # 0 GPU nodes yet: no count to give Tune (which reads 0 as no limit)
+    assert _max_concurrent(load_sweep(_write(tmp_path / "auto2.yaml", {
+        "config": {"run": {"autoscaling": True}}, "grid": {"seed": [0, 1]},
+        "resources": {"max_concurrent_trials": 3}}))) == 3

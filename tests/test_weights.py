@@ -160,3 +160,11 @@ def test_checkpoints_never_unpickle_code(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read checkpoint .*not a ray-resnet checkpoint"):
         load_checkpoint(tmp_path)
     assert not evil.marker.exists()
+
+
+def test_prefixes_of_nested_wrappers_are_all_removed(tmp_path):
+    model = trained_like()
+    state = {f"_orig_mod.module.{k}": v for k, v in model.state_dict().items()}  # torch.compile(DDP(model))
+    torch.save(state, tmp_path / "compiled-ddp.pt")
+    loaded, _ = model_from_weights(tmp_path / "compiled-ddp.pt", "resnet20")
+    assert torch.equal(loaded.state_dict()["linear.weight"], model.state_dict()["linear.weight"])
