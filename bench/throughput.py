@@ -92,7 +92,7 @@ def bench_config(args: argparse.Namespace, **run) -> Config:
     (subsets of the whole dataset, which is loaded and shared as in a real run)."""
     return replace(Config(model=args.model), data={"root": args.data, "train_subset": (args.warmup + args.steps) * BATCH,
                                                    "test_subset": args.eval_images},
-                   schedule={"epochs": 1}, run=run)
+                   schedule={"epochs": 1, "warmup_epochs": 1, "milestones": []}, run=run)
 
 
 # ------------------------------------------------------------------------------------ a: the plain loop
