@@ -6,15 +6,16 @@ a run dir never gets to execute pickled code. Every module reads checkpoints thr
 
 from __future__ import annotations
 
+import io
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .constants import BEST_DIR
+from . import storage
 from .errors import CheckpointError
-from .storage import atomic_file
 
 FILENAME = "checkpoint.pt"
 
@@ -67,16 +68,16 @@ def best_checkpoint(state: dict) -> dict:
             "metrics": best["metrics"], "best_test_acc": state["best_test_acc"], "best_epoch": state["best_epoch"]}
 
 
-def sync_best(state: dict | None, best_dir: str | Path) -> None:
+def sync_best(state: dict | None, best_dir: str) -> None:
     """Make best/ agree with the checkpoint a run resumes from (`state`; None: from the start): after a crash it may
     hold the model of an epoch that is now trained again."""
-    best_file = Path(best_dir) / FILENAME
+    best_file = storage.join(best_dir, FILENAME)
     if state is None or not state.get("best"):
-        best_file.unlink(missing_ok=True)
+        storage.remove(best_file)
         return
     try:
-        current = torch.load(best_file, map_location="cpu", weights_only=True).get("epoch")
-    except Exception:  # missing or unreadable: rewrite it
+        current = read_state(best_file).get("epoch")
+    except (OSError, CheckpointError):  # missing or unreadable: rewrite it
         current = None
     if current != state["best_epoch"]:
         save_checkpoint(best_checkpoint(state), best_dir)
@@ -94,35 +95,41 @@ def describe(state: dict) -> dict:
             "epoch": state.get("epoch"), "config": config, "kind": state.get("kind", "epoch")}
 
 
-def save_checkpoint(state: dict, directory: str | Path) -> Path:
+def save_checkpoint(state: dict, directory: str | os.PathLike) -> str:
     """Write atomically: a crash mid-save leaves a temp file, never a half-written checkpoint.pt."""
-    path = Path(directory) / FILENAME
-    with atomic_file(path) as f:
+    location = storage.join(directory, FILENAME)
+    with storage.atomic_file(location) as f:
         torch.save(state, f)
-    return path
+    return location
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint.pt file, a checkpoint dir, or a run dir (its best checkpoint) -> the file."""
-    path = Path(path).expanduser()
-    for candidate in (path, path / FILENAME, path / BEST_DIR / FILENAME):
-        if candidate.is_file():
+def resolve_checkpoint(location: str | os.PathLike) -> str:
+    """A checkpoint.pt file, a checkpoint dir, or a run dir (its best checkpoint), local or a URI -> the file."""
+    location = storage.absolute(location)
+    for candidate in (location, storage.join(location, FILENAME), storage.join(location, BEST_DIR, FILENAME)):
+        if storage.is_file(candidate):
             return candidate
     raise CheckpointError(
-        f"no checkpoint at {path}: expected a {FILENAME} file, a checkpoint dir holding one, "
+        f"no checkpoint at {location}: expected a {FILENAME} file, a checkpoint dir holding one, "
         f"or a run dir with {BEST_DIR}/{FILENAME}"
     )
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    file = resolve_checkpoint(path)
+def read_state(file: str) -> object:
+    """torch.load of a file, local or a URI, with weights_only=True: tensors and plain values, never code."""
+    data = storage.read_bytes(file)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, ...: all mean "not a usable checkpoint"
         raise CheckpointError(
             f"cannot read checkpoint {file} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             "it is truncated or not a ray-resnet checkpoint: pick another one (nothing was deleted)"
         ) from None
+
+
+def load_checkpoint(location: str | os.PathLike) -> dict:
+    file = resolve_checkpoint(location)
+    state = read_state(file)
     if not is_checkpoint(state):
         raise CheckpointError(f"{file} is not a ray-resnet checkpoint (no 'model'/'config' entries)")
     return state

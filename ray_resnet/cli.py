@@ -81,9 +81,9 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    paths = write_report(args.sweep_dir)
-    print(paths["markdown"].read_text())
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    written = write_report(args.sweep_dir)
+    print(written["text"])
+    print("wrote " + ", ".join(written[kind] for kind in ("markdown", "csv", "curves")))
     return 0
 
 
@@ -120,7 +120,7 @@ def _load_model(args: argparse.Namespace):
 
     checkpoint = args.checkpoint
     if args.final:
-        checkpoint = latest_checkpoint(Path(args.checkpoint)) if args.checkpoint else None
+        checkpoint = latest_checkpoint(args.checkpoint) if args.checkpoint else None
         if checkpoint is None:
             raise CheckpointError(f"--final needs --checkpoint RUN_DIR of a run with a committed checkpoint; "
                                   f"{args.checkpoint or '--weights'} has none")
@@ -153,7 +153,7 @@ def _export(args: argparse.Namespace) -> int:
     except DataNotFoundError:
         images = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         batch = "256 random inputs (no dataset found; pass --data to check on test images)"
-    output = args.output or Path(f"{info['model']}-{info['dataset']}{FORMATS[args.format]}")
+    output = args.output or f"{info['model']}-{info['dataset']}{FORMATS[args.format]}"
     result = export_and_check(model, args.format, output, images, info["model"], NUM_CLASSES[info["dataset"]])
     print(f"wrote {result['file']} ({args.format}, {result['bytes']:,} bytes); reloaded on {batch}: "
           f"max |logit diff| {result['max_abs_logit_diff']:.2e}, same top-1 on {result['same_top1']}/{len(images)}")
@@ -186,7 +186,8 @@ def _model_source_parent() -> argparse.ArgumentParser:
     """The flags `eval` and `export` share: which weights, which model, which data."""
     p = argparse.ArgumentParser(add_help=False)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="checkpoint.pt, a checkpoint dir, or a run dir (its best checkpoint)")
+    source.add_argument("--checkpoint", help="checkpoint.pt, a checkpoint dir, or a run dir (its best checkpoint); "
+                                             "local or a URI")
     source.add_argument("--weights", help="a state dict, a ray-resnet checkpoint.pt, or a {'state_dict': ...} file "
                                           "(e.g. from akamaster/pytorch_resnet_cifar10; `module.` prefixes are fine)")
     p.add_argument("--model", help="model name, e.g. resnet20 (default: what the checkpoint says)")
@@ -222,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_sweep)
 
     p = sub.add_parser("report", help="report.md, report.csv and curves.png of a sweep dir (vs the paper's Table 6)")
-    p.add_argument("sweep_dir", type=Path, help="a sweep dir, e.g. runs/sweeps/table6")
+    p.add_argument("sweep_dir", help="a sweep dir, e.g. runs/sweeps/table6 or s3://bucket/sweeps/table6")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("eval", parents=[model_source], help="test accuracy of a checkpoint or a weights file")
@@ -232,11 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", parents=[model_source],
                        help="write a model as a state dict, TorchScript or ONNX, and check its logits")
     p.add_argument("--format", required=True, choices=["state_dict", "torchscript", "onnx"])
-    p.add_argument("--output", type=Path, help="file to write (default: <model>-<dataset>.{pt,ts.pt,onnx} here)")
+    p.add_argument("--output", help="file to write, local or a URI (default: <model>-<dataset>.{pt,ts.pt,onnx} here)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("tensorboard", help="serve TensorBoard on a run dir or a sweep dir")
-    p.add_argument("dir", help="a run dir (runs/<name>) or a sweep dir")
+    p.add_argument("dir", help="a run dir (runs/<name>) or a sweep dir, local or s3://")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     p.add_argument("--port", type=int, default=6006)
     p.set_defaults(func=_tensorboard)

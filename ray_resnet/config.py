@@ -16,8 +16,8 @@ from typing import Any, Literal
 import yaml
 
 from .constants import DATASETS
+from . import storage
 from .errors import ConfigError
-from .storage import write_text
 
 # Where decoded datasets are cached when data.cache_dir is null: $RAY_RESNET_CACHE, else this.
 CACHE_ENV = "RAY_RESNET_CACHE"
@@ -59,7 +59,7 @@ def setting(default: Any, allowed: str | None = None, *, runtime: bool = False) 
 @dataclass(frozen=True)
 class DataConfig:
     dataset: Literal[DATASETS] = "cifar10"
-    # parquet files (HuggingFace layout) or torchvision's cifar-10-batches-py
+    # parquet files (HuggingFace layout) or torchvision's cifar-10-batches-py; a local dir or a URI
     root: str = setting("data", runtime=True)
     download: bool = setting(False, runtime=True)  # fetch with torchvision's downloader when root holds nothing
     cache_dir: str | None = setting(None, runtime=True)  # decoded arrays; None: $RAY_RESNET_CACHE or ~/.cache/ray_resnet
@@ -102,7 +102,7 @@ class PerfConfig:
 @dataclass(frozen=True)
 class RunConfig:
     name: str | None = None  # None: <model>-<dataset>-s<seed>; rerunning with the same name resumes
-    storage: str = "runs"  # run dirs live in <storage>/<name>; on clusters a path every node mounts (no URIs)
+    storage: str = "runs"  # run dirs live in <storage>/<name>: a local path or a URI (s3://bucket/runs, gs://...)
     num_workers: int = setting(1, "x >= 1")
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs when the cluster has enough
     cpus_per_worker: int | None = setting(None, "x >= 1")  # None: on CPU all cluster CPUs split evenly, on GPU 1
@@ -346,18 +346,18 @@ def load_config(path: str | Path | None = None, sets: list[str] = (), extra: dic
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
 
 
-def read_config(path: str | Path) -> Config:
-    """A config a run saved (its config.yaml). The rules between keys are those of the version that wrote it, so
-    only keys and values are checked: a run dir stays readable after an upgrade."""
+def read_config(location: str) -> Config:
+    """A config a run saved (its config.yaml, local or a URI). The rules between keys are those of the version that
+    wrote it, so only keys and values are checked: a run dir stays readable after an upgrade."""
     try:
-        return from_dict(yaml.safe_load(Path(path).read_text()) or {}, rules=False)
-    except (OSError, yaml.YAMLError, ConfigError) as e:
-        raise ConfigError(f"cannot read the saved config {path} ({str(e).splitlines()[0][:200]}); move it aside "
-                          "or pass another --name") from None
+        return from_dict(yaml.safe_load(storage.read_text(location)) or {}, rules=False)
+    except (yaml.YAMLError, UnicodeDecodeError, ConfigError) as e:
+        raise ConfigError(f"cannot read the saved config {location} ({str(e).splitlines()[0][:200]}); move it "
+                          "aside or pass another --name") from None
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def save_config(cfg: Config, location: str | Path) -> None:
+    storage.write_text(location, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def replace(cfg: Config, **sections: dict) -> Config:

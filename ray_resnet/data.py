@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -25,8 +24,8 @@ from torchvision import datasets
 
 from .config import cache_dir as resolve_cache_dir
 from .constants import DATASETS, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
+from . import storage
 from .errors import DataError, DataNotFoundError
-from .storage import atomic_file
 
 # Bump when the cached array layout changes so old cache files are never read.
 CACHE_FORMAT_VERSION = 1
@@ -64,17 +63,21 @@ def load_cifar(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load a CIFAR split: images uint8 [N,3,32,32] contiguous NCHW, labels int64 [N].
 
-    Sources under ``root``, first match wins: HuggingFace parquet, then torchvision's
-    pickle batches, then (``download=True``) a torchvision download. Decoded arrays are
-    cached in ``cache_dir`` keyed by the source files' paths, sizes and mtimes.
+    Sources under ``root`` (a local dir or a URI such as s3://bucket/cifar10), first match wins:
+    HuggingFace parquet, then torchvision's pickle batches, then (``download=True``, local roots) a
+    torchvision download. Decoded arrays are cached in ``cache_dir`` (local) keyed by the source
+    files' locations, sizes and mtimes.
     """
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
-    root = Path(root).expanduser()
+    root = storage.absolute(root)
 
     found = _find_sources(root, dataset, split)
+    if found is None and download and storage.is_uri(root):
+        raise DataNotFoundError(f"{_NAMES[dataset]} is not under {root}, and --download writes only to a local "
+                                "dir: download it locally, or copy the parquet files there")
     if found is None and download:
         download_cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
         download_cls(str(root), train=split == "train", download=True)  # writes the pickle layout
@@ -98,7 +101,7 @@ def load_cifar(
     _check_labels(labels, dataset, root)
     try:
         for path, array in ((image_path, images), (label_path, labels)):
-            with atomic_file(path) as f:  # other Ray workers racing on the cache see no file or a whole one
+            with storage.atomic_file(path) as f:  # other Ray workers racing on the cache see no file or a whole one
                 np.save(f, array.numpy())
     except OSError as e:  # e.g. a read-only home on a cluster node: still train, just slower next time
         warnings.warn(f"could not write CIFAR cache under {cache_dir}: {e}", stacklevel=2)
@@ -127,21 +130,21 @@ def _pickle_files(dataset: str, split: str) -> tuple[str, list[str]]:
     return folder, train_files if split == "train" else test_files
 
 
-def _find_sources(root: Path, dataset: str, split: str) -> tuple[str, list[Path]] | None:
+def _find_sources(root: str, dataset: str, split: str) -> tuple[str, list[str]] | None:
     """(kind, files) of the first source layout present under root, else None."""
     for pattern in _parquet_patterns(dataset, split):
-        shards = sorted(root.glob(pattern))  # sorted by name = HF shard order
+        shards = storage.glob(root, pattern)  # sorted by name = HF shard order
         if shards:
             return "parquet", shards
     folder, names = _pickle_files(dataset, split)
-    for directory in (root / folder, root):
-        files = [directory / name for name in names]
-        if all(f.is_file() for f in files):
+    for directory in (storage.join(root, folder), root):
+        files = [storage.join(directory, name) for name in names]
+        if all(storage.is_file(f) for f in files):
             return "pickle", files
     return None
 
 
-def _not_found_message(root: Path, dataset: str, split: str) -> str:
+def _not_found_message(root: str, dataset: str, split: str) -> str:
     folder, names = _pickle_files(dataset, split)
     listed = names[0] if len(names) == 1 else f"{names[0][:-1]}1..{len(names)}"  # data_batch_1..5
     looked = _parquet_patterns(dataset, split) + [f"{folder}/{listed}", f"{listed} directly in the root"]
@@ -152,13 +155,13 @@ def _not_found_message(root: Path, dataset: str, split: str) -> str:
     )
 
 
-def _cache_key(dataset: str, split: str, files: list[Path]) -> str:
-    # Path + size + mtime (ns) of every source: a rewritten or touched file changes the key,
+def _cache_key(dataset: str, split: str, files: list[str]) -> str:
+    # Location + size + mtime (ns) of every source: a rewritten or touched file changes the key,
     # so a stale decode is never served; hashing the contents would cost as much as decoding.
     stats = []
     for f in files:
-        st = f.stat()
-        stats.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+        found = storage.info(f)
+        stats.append([f, found.size, found.mtime_ns])
     blob = json.dumps([CACHE_FORMAT_VERSION, dataset, split, stats])
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -175,11 +178,11 @@ def _load_cached(image_path: Path, label_path: Path) -> tuple[torch.Tensor, torc
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-def _read_parquet(files: list[Path], label_column: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_parquet(files: list[str], label_column: str) -> tuple[torch.Tensor, torch.Tensor]:
     tables = []
     for f in files:
         try:
-            tables.append(pq.read_table(f, columns=["img", label_column]))
+            tables.append(storage.read_table(f, ["img", label_column]))
         except (pa.ArrowInvalid, OSError) as e:  # not parquet, truncated, or without those columns
             columns = _parquet_columns(f)
             found = f"its columns are {', '.join(columns)}" if columns else str(e).splitlines()[0][:200]
@@ -197,31 +200,30 @@ def _read_parquet(files: list[Path], label_column: str) -> tuple[torch.Tensor, t
     return images, labels
 
 
-def _parquet_columns(path: Path) -> list[str]:
+def _parquet_columns(location: str) -> list[str]:
     try:
-        return pq.read_schema(path).names
+        return storage.read_schema_names(location)
     except (pa.ArrowInvalid, OSError):
         return []
 
 
-def _decode_png(png: bytes | None, row: int, files: list[Path]) -> np.ndarray:
+def _decode_png(png: bytes | None, row: int, files: list[str]) -> np.ndarray:
     try:
         image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     except (OSError, TypeError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-        raise DataError(f"image {row} of {files[0].parent} is not a readable PNG ({type(e).__name__}); "
+        raise DataError(f"image {row} of {files[0]} is not a readable PNG ({type(e).__name__}); "
                         "the parquet files are damaged: fetch them again") from None
     if image.shape != (32, 32, 3):
-        raise DataError(f"image {row} of {files[0].parent} is {image.shape[1]}x{image.shape[0]}; CIFAR images are "
+        raise DataError(f"image {row} of {files[0]} is {image.shape[1]}x{image.shape[0]}; CIFAR images are "
                         "32x32: point data.root at CIFAR-10/100")
     return image
 
 
-def _read_pickles(files: list[Path], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_pickles(files: list[str], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     data, labels = [], []
     for f in files:
         try:
-            with open(f, "rb") as fh:
-                batch = pickle.load(fh, encoding="bytes")  # the official files are Python 2 pickles
+            batch = pickle.loads(storage.read_bytes(f), encoding="bytes")  # the official files are Python 2 pickles
             rows = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3 * 32 * 32)
             batch_labels = list(batch[label_key])
         except Exception as e:  # truncated, not a pickle, or not a CIFAR batch: all mean "fetch it again"
@@ -232,11 +234,11 @@ def _read_pickles(files: list[Path], label_key: bytes) -> tuple[torch.Tensor, to
     # Rows are 3072 bytes in CHW order (1024 red, 1024 green, 1024 blue), i.e. already NCHW.
     images = np.ascontiguousarray(np.concatenate(data).reshape(-1, 3, 32, 32))
     if len(images) != len(labels) or not len(images):
-        raise DataError(f"{files[0].parent} holds {len(images)} images and {len(labels)} labels: fetch it again")
+        raise DataError(f"{files[0]}.. hold {len(images)} images and {len(labels)} labels: fetch them again")
     return torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64)
 
 
-def _check_labels(labels: torch.Tensor, dataset: str, root: Path) -> None:
+def _check_labels(labels: torch.Tensor, dataset: str, root: str) -> None:
     classes = NUM_CLASSES[dataset]
     if len(labels) and (labels.min() < 0 or labels.max() >= classes):
         raise DataError(f"labels under {root} run from {int(labels.min())} to {int(labels.max())}, but "

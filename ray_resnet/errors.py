@@ -35,6 +35,11 @@ class ExportError(UserError, RuntimeError):
     """An export cannot be made as asked (unknown format, missing package); the message says what to install."""
 
 
+class StorageError(UserError, OSError):
+    """A storage location (local path or URI) cannot be used: no such bucket, refused credentials, no answer from
+    the endpoint, a scheme pyarrow cannot open; the message names the location and what to check."""
+
+
 class RunError(UserError, RuntimeError):
     """A run cannot start or go on as asked; the message says why and what to do."""
 

@@ -9,12 +9,14 @@ normalised float32 images [B,3,32,32] (`ray_resnet.data.normalize`) with any bat
 from __future__ import annotations
 
 import importlib.util
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import storage
 from .errors import ExportError
 from .models import build_model
 
@@ -71,18 +73,25 @@ def exported_logits(path: str | Path, fmt: str, images: torch.Tensor, model_name
     return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
 
 
-def export_and_check(model: nn.Module, fmt: str, path: str | Path, images: torch.Tensor, model_name: str,
+def export_and_check(model: nn.Module, fmt: str, output: str | Path, images: torch.Tensor, model_name: str,
                      num_classes: int) -> dict:
-    """Export, reload the file and compare its logits with the model's on `images` (normalised float32)."""
-    path = Path(path)
-    if path.exists():  # never overwrite: an earlier export may be in use
-        raise ExportError(f"{path} already exists; pass another --output or delete it first")
-    export_model(model, fmt, path)
-    with torch.no_grad():
-        expected = model(images)
-    got = exported_logits(path, fmt, images, model_name, num_classes)
+    """Export, reload the file and compare its logits with the model's on `images` (normalised float32).
+
+    `output`: a local path or a URI; a URI gets the file once it has passed the check here."""
+    output = storage.absolute(output)
+    if storage.exists(output):  # never overwrite: an earlier export may be in use
+        raise ExportError(f"{output} already exists; pass another --output or delete it first")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / storage.name(output) if storage.is_uri(output) else Path(output)
+        export_model(model, fmt, path)
+        with torch.no_grad():
+            expected = model(images)
+        got = exported_logits(path, fmt, images, model_name, num_classes)
+        if storage.is_uri(output):
+            storage.write_atomic(output, path.read_bytes())
+        size = path.stat().st_size
     # 1e-4: ONNX Runtime's kernels differ from torch's in float32 rounding (seen: 1.5e-5 on ResNet-20 logits).
-    return {"file": str(path), "format": fmt, "bytes": path.stat().st_size, "batch": len(images),
+    return {"file": output, "format": fmt, "bytes": size, "batch": len(images),
             "max_abs_logit_diff": (got - expected).abs().max().item(),
             "same_logits": torch.allclose(got, expected, rtol=1e-4, atol=1e-4),
             "same_top1": int((got.argmax(1) == expected.argmax(1)).sum())}

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import csv
 import io
+import tempfile
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 
 from . import config as config_lib
+from . import storage
 from .config import Config, flatten
 from .constants import CONFIG_FILE, NUM_CLASSES, RESULT_FILE, SWEEP_FILE, TB_DIR, TB_TAGS
 from .errors import ReportError
 from .rundir import is_finished
-from .storage import read_json, write_atomic, write_text
+from .storage import write_atomic, write_text
 from .models import build_model, count_parameters, parse_model_name
 
 # He et al. 2015, Table 6: CIFAR-10 test error (%). resnet110 is the best of 5 runs (mean 6.61 +- 0.16).
@@ -45,37 +46,49 @@ class Run:
         return max(self.curve, default=0)
 
 
-def read_runs(sweep_dir: Path) -> tuple[dict, list[Run]]:
-    sweep_dir = Path(sweep_dir)
-    if not (sweep_dir / SWEEP_FILE).is_file():
-        hint = (" (it is one training run: see its result.json and tb/)" if (sweep_dir / CONFIG_FILE).is_file()
-                else "" if sweep_dir.is_dir() else " (it does not exist)")
+def read_runs(sweep_dir: str) -> tuple[dict, list[Run]]:
+    """The sweep file and every trial run of a sweep dir (local or a URI)."""
+    sweep_dir = storage.absolute(sweep_dir)
+    if not storage.is_file(storage.join(sweep_dir, SWEEP_FILE)):
+        hint = (" (it is one training run: see its result.json and tb/)"
+                if storage.is_file(storage.join(sweep_dir, CONFIG_FILE))
+                else "" if storage.exists(sweep_dir) else " (it does not exist)")
         raise ReportError(f"{sweep_dir} is not a sweep dir{hint}: expected {SWEEP_FILE} and one run dir per trial, "
                           "as `ray-resnet sweep` writes them (e.g. runs/sweeps/table6)")
-    sweep = yaml.safe_load((sweep_dir / SWEEP_FILE).read_text())
+    sweep = yaml.safe_load(storage.read_text(storage.join(sweep_dir, SWEEP_FILE)))
     keys = [k for k in [*(sweep.get("grid") or {}), *(sweep.get("search") or {})] if k != "seed"]
     runs = []
-    for config_file in sorted(sweep_dir.glob(f"*/{CONFIG_FILE}")):
-        run_dir = config_file.parent
-        cfg = config_lib.read_config(config_file)
+    for run_dir in trial_dirs(sweep_dir):
+        cfg = config_lib.read_config(storage.join(run_dir, CONFIG_FILE))
         flat = flatten(config_lib.to_dict(cfg))
-        result = read_json(run_dir / RESULT_FILE) or {}
+        result = storage.read_json(storage.join(run_dir, RESULT_FILE)) or {}
         finished = result if is_finished(result) else None
         diverged = result if result.get("status") == "diverged" else None
-        run = Run(run_dir.name, cfg, tuple(flat[k] for k in keys) if keys else (cfg.model,), finished, diverged)
-        run.curve = read_curve(run_dir / TB_DIR)
+        run = Run(storage.name(run_dir), cfg, tuple(flat[k] for k in keys) if keys else (cfg.model,), finished,
+                  diverged)
+        run.curve = read_curve(storage.join(run_dir, TB_DIR))
         runs.append(run)
     sweep["group_keys"] = keys or ["model"]
     return sweep, runs
 
 
-def read_curve(tb_dir: Path) -> dict[int, dict]:
-    """epoch -> {"train_acc", "test_acc"} from the run's TensorBoard events; a resumed run's later event file
-    overrides the epochs a crashed attempt logged after its last checkpoint."""
+def trial_dirs(sweep_dir: str) -> list[str]:
+    """The run dirs of a sweep dir: those holding a config.yaml, by name."""
+    dirs = [storage.join(sweep_dir, name) for name in storage.list_names(sweep_dir)]
+    return [d for d in dirs if storage.is_file(storage.join(d, CONFIG_FILE))]
+
+
+def read_curve(tb_dir: str) -> dict[int, dict]:
+    """epoch -> {"train_acc", "test_acc"} from the run's TensorBoard events (local, or copied from a URI); a
+    resumed run's later event file overrides the epochs a crashed attempt logged after its last checkpoint."""
+    if storage.is_uri(tb_dir):
+        with tempfile.TemporaryDirectory() as local:
+            storage.download_dir(tb_dir, local)
+            return read_curve(local)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     curve: dict[int, dict] = {}
-    for events in sorted(tb_dir.glob("events.out.tfevents.*")):  # file names start with their creation time
+    for events in storage.glob(tb_dir, "events.out.tfevents.*"):  # file names start with their creation time
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
         tags = [(key, TB_TAGS[key]) for key in CURVE_METRICS if TB_TAGS[key] in acc.Tags()["scalars"]]
@@ -126,7 +139,7 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "—" if value is None else format(value, spec)
 
 
-def _markdown(sweep: dict, sweep_dir: Path, runs: list[Run], rows: list[dict]) -> str:
+def _markdown(sweep: dict, sweep_dir: str, runs: list[Run], rows: list[dict]) -> str:
     expected = sweep.get("num_samples", 1)
     for values in (sweep.get("grid") or {}).values():
         expected *= len(values)
@@ -175,7 +188,7 @@ def _depth_trends(rows: list[dict]) -> list[str]:
     return ["", "Depth trend (final errors, mean over finished seeds):", *lines] if lines else []
 
 
-def plot_curves(runs: list[Run], path: Path) -> None:
+def plot_curves(runs: list[Run], path: str) -> None:
     """Test error (bold) and training error (dashed) vs epoch, mean over seeds with min–max shading; one panel
     per shortcut family, as in the paper's Figure 6 (plain left, ResNet middle)."""
     import matplotlib
@@ -207,15 +220,19 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     write_atomic(path, image.getvalue())
 
 
-def write_report(sweep_dir: str | Path) -> dict[str, Path]:
-    sweep_dir = Path(sweep_dir)
+def write_report(sweep_dir: str) -> dict[str, str]:
+    """report.md, report.csv and curves.png into the sweep dir (local or a URI); returns their locations and, under
+    "text", the markdown."""
+    sweep_dir = storage.absolute(sweep_dir)
     sweep, runs = read_runs(sweep_dir)
     if not runs:
         raise ReportError(f"{sweep_dir} holds no trial runs yet (no */config.yaml): wait for the sweep's first "
                           "trials to start")
     rows = summarize(runs)
-    paths = {"markdown": sweep_dir / "report.md", "csv": sweep_dir / "report.csv", "curves": sweep_dir / "curves.png"}
-    write_text(paths["markdown"], _markdown(sweep, sweep_dir, runs, rows))
+    paths = {kind: storage.join(sweep_dir, name) for kind, name in
+             (("markdown", "report.md"), ("csv", "report.csv"), ("curves", "curves.png"))}
+    text = _markdown(sweep, sweep_dir, runs, rows)
+    write_text(paths["markdown"], text)
     table = io.StringIO()
     columns = ["params", "seeds", "final_error_mean", "final_error_std", "best_final_error",
                "final_train_error_mean", "paper_error", "diff_vs_paper", "unfinished", "diverged"]
@@ -225,4 +242,4 @@ def write_report(sweep_dir: str | Path) -> dict[str, Path]:
         writer.writerow([*row["group"], *(";".join(row[c]) if isinstance(row[c], list) else row[c] for c in columns)])
     write_text(paths["csv"], table.getvalue())
     plot_curves(runs, paths["curves"])
-    return paths
+    return {**paths, "text": text}

@@ -1,13 +1,17 @@
 """Rank 0's record of a run (pure): one console line per epoch, and TensorBoard events in <run dir>/tb.
 
 Scalars are written per epoch under the tags of `constants.TB_TAGS`, and at the end an HParams entry (the run's
-model, depth, seed, lr, ... against its final and best test accuracy). `report` reads the same tags back.
+model, depth, seed, lr, ... against its final and best test accuracy). `report` reads the same tags back. When the
+run dir is a URI, the events are written to a local directory and mirrored to <run dir>/tb after every epoch and at
+the end, so a run killed mid-epoch has every finished epoch's events in storage.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import shutil
+import tempfile
 
+from . import storage
 from .config import Config
 from .constants import TB_TAGS
 from .fit import Hooks
@@ -30,21 +34,27 @@ def epoch_line(metrics: dict, epochs: int) -> str:
 class RunLog(Hooks):
     """The console and TensorBoard side of one run attempt, which starts after `start_epoch` finished epochs."""
 
-    def __init__(self, tb_dir: str | Path, cfg: Config, start_epoch: int):
+    def __init__(self, tb_dir: str, cfg: Config, start_epoch: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.cfg = cfg
+        self.cfg, self.tb_dir = cfg, tb_dir
         self.last: dict | None = None  # the latest epoch's metrics
+        self.local = tempfile.mkdtemp(prefix="tb-") if storage.is_uri(tb_dir) else tb_dir
         # purge_step hides events a crashed attempt logged after the checkpoint we resume from (all of them
-        # when it crashed before its first checkpoint was committed).
-        self.writer = SummaryWriter(str(tb_dir), purge_step=start_epoch + 1)
+        # when it crashed before its first checkpoint was committed); each attempt writes a file of its own.
+        self.writer = SummaryWriter(self.local, purge_step=start_epoch + 1)
 
     def epoch_end(self, metrics: dict) -> None:
         for key, tag in TB_TAGS.items():
             self.writer.add_scalar(tag, metrics[key], metrics["epoch"])
-        self.writer.flush()
+        self._flush()
         print(epoch_line(metrics, self.cfg.schedule.epochs), flush=True)
         self.last = metrics
+
+    def _flush(self) -> None:
+        self.writer.flush()
+        if self.local != self.tb_dir:
+            storage.upload_dir(self.local, self.tb_dir)
 
     def close(self, params: int, hparams_extra: dict | None) -> None:
         """End the attempt; with `hparams_extra` (more hyperparameters, e.g. a sweep's swept keys; {} for none),
@@ -52,6 +62,9 @@ class RunLog(Hooks):
         if hparams_extra is not None and self.last:
             self._hparams(params, self.last, hparams_extra)
         self.writer.close()
+        if self.local != self.tb_dir:
+            storage.upload_dir(self.local, self.tb_dir)
+            shutil.rmtree(self.local, ignore_errors=True)
 
     def _hparams(self, params: int, metrics: dict, extra: dict) -> None:
         from torch.utils.tensorboard.summary import hparams
@@ -67,4 +80,3 @@ class RunLog(Hooks):
             self.writer.file_writer.add_summary(summary)
         for tag, value in results.items():
             self.writer.add_scalar(tag, value, metrics["epoch"])
-        self.writer.flush()

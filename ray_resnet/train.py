@@ -6,6 +6,7 @@ Train adds, numbered as in Ray's own examples. The run dir's layout is in rundir
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import config as config_lib
+from . import storage
 from .checkpoint import (Progress, best_checkpoint, load_checkpoint, restore_training_state, save_checkpoint,
                          sync_best)
 from .config import Config
@@ -37,6 +39,7 @@ from .runlog import RunLog
 # report() waits up to this long for the controller's poll (Ray's default 2 s); printing is done by rank 0 itself.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every worker print() shows up twice
+RAY_SETTINGS = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PRINT_PATCH")
 
 
 def load_dataset(cfg: Config) -> dict[str, np.ndarray]:
@@ -81,7 +84,7 @@ def _restore(checkpoint: ray.train.Checkpoint | None, training, rank: int, run_d
         with checkpoint.as_directory() as d:
             state = load_checkpoint(d)
     if rank == 0:
-        sync_best(state, os.path.join(run_dir, BEST_DIR))
+        sync_best(state, storage.join(run_dir, BEST_DIR))
     if state is None:
         return Progress()
     progress = restore_training_state(state, training.core, training.optimizer, training.scheduler)
@@ -102,7 +105,7 @@ class ReportToRay(Hooks):
     """Rank 0 writes the checkpoint files; every rank reports every epoch to Ray Train (a barrier)."""
 
     def __init__(self, rank: int, run_dir: str, extra_metrics: dict):
-        self.rank, self.best_dir, self.extra = rank, os.path.join(run_dir, BEST_DIR), extra_metrics
+        self.rank, self.best_dir, self.extra = rank, storage.join(run_dir, BEST_DIR), extra_metrics
         self.pending: str | None = None  # this epoch's checkpoint dir, until Ray has taken it
 
     def checkpoint_due(self, state, *, latest: bool, best: bool) -> None:
@@ -149,7 +152,7 @@ def _train_worker(loop_config: dict) -> dict | None:
     training = build_training(cfg, device, steps_per_epoch(cfg, len(data.train_index), world),
                               wrap=ray.train.torch.prepare_model)  # [Ray 3] DDP
     progress = _restore(ray.train.get_checkpoint(), training, rank, loop_config["run_dir"])  # [Ray 4] resume
-    log = RunLog(os.path.join(loop_config["run_dir"], TB_DIR), cfg, progress.epoch) if rank == 0 else None
+    log = RunLog(storage.join(loop_config["run_dir"], TB_DIR), cfg, progress.epoch) if rank == 0 else None
     report = ReportToRay(rank, loop_config["run_dir"], {"worker_nodes": _node_ids(world), "params": training.params})
     extra = loop_config["worker_hooks"]() if loop_config["worker_hooks"] else []
     outcome = fit(cfg, training, data, rank=rank, world=world, progress=progress,
@@ -159,10 +162,26 @@ def _train_worker(loop_config: dict) -> dict | None:
     return {"diverged": dataclasses.asdict(outcome)} if outcome else None
 
 
+def _location(directory: str, checkpoint: ray.train.Checkpoint | None) -> str | None:
+    """A Ray checkpoint's location in the run's own terms (Ray gives an object store path without its scheme)."""
+    return storage.join(directory, storage.name(checkpoint.path)) if checkpoint else None
+
+
 def connect(address: str | None) -> None:
     """Join `address` (or $RAY_ADDRESS, which `ray job submit` sets), else start a local embedded Ray."""
     if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", runtime_env=shared_environment())
+
+
+def shared_environment() -> dict:
+    """The runtime env every Ray process of the run gets, on any node: the Ray Train settings above and where the
+    object store is (AWS_ENDPOINT_URL, ...). Never credentials: each node has its own (an instance role, or the
+    environment its `ray start` ran in). Keys a submitted job's own runtime env sets are left to it (Ray refuses
+    two values for one key)."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    taken = job.get("env_vars") or {}
+    shared = {k: os.environ[k] for k in (*RAY_SETTINGS, *storage.ENDPOINT_ENV) if k in os.environ and k not in taken}
+    return {"env_vars": shared} if shared else {}
 
 
 def plan_resources(cfg: Config) -> tuple[bool, dict[str, float], int]:
@@ -206,6 +225,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     """
     cfg = resolve_run(cfg)
     directory = run_dir(cfg)
+    storage.check_writable(cfg.run.storage)  # a bad bucket, endpoint or credentials: one line, before anything runs
     finished = previous_result(cfg)
     if finished:
         return {**finished, "already_finished": True}
@@ -220,7 +240,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     start = time.perf_counter()
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config_lib.to_dict(cfg), "run_dir": str(directory), "data": ray.put(arrays),
+        train_loop_config={"config": config_lib.to_dict(cfg), "run_dir": directory, "data": ray.put(arrays),
                            "threads": threads, "hparams": hparams or {}, "worker_hooks": worker_hooks},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=bundle,
@@ -240,8 +260,8 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
         "params": metrics.get("params"), "epoch": metrics.get("epoch", 0), "epochs": cfg.schedule.epochs,
         "final_test_acc": metrics.get("test_acc"), "best_test_acc": metrics.get("best_test_acc"),
         "best_epoch": metrics.get("best_epoch"), "wall_time_s": round(time.perf_counter() - start, 1),
-        "run_dir": str(directory), "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "best_checkpoint": os.path.join(directory, BEST_DIR), "worker_nodes": metrics.get("worker_nodes"),
+        "run_dir": directory, "checkpoint": _location(directory, result.checkpoint),
+        "best_checkpoint": storage.join(directory, BEST_DIR), "worker_nodes": metrics.get("worker_nodes"),
         "status": "diverged" if "diverged" in stop else "finished", **stop,
     }
     write_result(directory, summary)

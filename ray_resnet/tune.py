@@ -27,11 +27,12 @@ from typing import Any
 import yaml
 
 from . import config as config_lib
+from . import storage
 from .config import Config, flatten, merge, nest
 from .constants import RESULT_FILE, SWEEP_FILE
 from .errors import ConfigError, DivergedError, RunError, SweepError
 from .rundir import is_finished
-from .storage import read_json, write_text
+from .report import trial_dirs
 
 METRIC, MODE = "test_acc", "max"
 TOP_KEYS = ("name", "storage", "config", "grid", "search", "num_samples", "scheduler", "resources")
@@ -46,7 +47,7 @@ NAMED_PER_TRIAL = ("run.name", "run.storage")  # the sweep sets these for every 
 @dataclass(frozen=True)
 class Sweep:
     name: str
-    storage: str  # absolute
+    storage: str  # an absolute path or a URI
     base: dict  # config overrides shared by all trials (resources and run paths included)
     grid: dict  # dotted key -> list of values
     search: dict  # dotted key -> {distribution: args}
@@ -55,8 +56,8 @@ class Sweep:
     max_concurrent_trials: int | None
 
     @property
-    def dir(self) -> Path:
-        return Path(self.storage) / self.name
+    def dir(self) -> str:
+        return storage.join(self.storage, self.name)
 
     @property
     def swept(self) -> list[str]:
@@ -134,7 +135,7 @@ def load_sweep(path: str | Path, sets: list[str] = (), extra: dict | None = None
         raise SweepError(f"{path}: {e}") from None
 
 
-def _parse(raw: Any, path: Path, sets, extra: dict, name: str | None, storage: str | None) -> Sweep:
+def _parse(raw: Any, path: Path, sets, extra: dict, name: str | None, storage_root: str | None) -> Sweep:
     if not isinstance(raw, dict):
         raise SweepError("expected a mapping with keys " + ", ".join(TOP_KEYS))
     unknown = sorted(set(raw) - set(TOP_KEYS))
@@ -158,7 +159,7 @@ def _parse(raw: Any, path: Path, sets, extra: dict, name: str | None, storage: s
                              "set the sweep's name/storage (or --name/--storage) instead")
     base_cfg = config_lib.from_dict(base)  # names the bad key; also checks the resources' types
     # Resolved here, so every trial process reads the one dataset and cache, whatever its cwd and environment.
-    base = merge(base, {"data": {"root": str(Path(base_cfg.data.root).expanduser().resolve()),
+    base = merge(base, {"data": {"root": storage.absolute(base_cfg.data.root),
                                  "cache_dir": str(config_lib.cache_dir(base_cfg.data.cache_dir))}})
     max_concurrent = resources.get("max_concurrent_trials")
     if max_concurrent is not None and (not isinstance(max_concurrent, int) or max_concurrent < 1):
@@ -183,7 +184,7 @@ def _parse(raw: Any, path: Path, sets, extra: dict, name: str | None, storage: s
     asha = _parse_scheduler(raw.get("scheduler"))
 
     sweep = Sweep(name=name or raw.get("name") or path.stem.removeprefix("sweep_"),
-                  storage=str(Path(storage or raw.get("storage") or "runs/sweeps").expanduser().resolve()),
+                  storage=storage.absolute(storage_root or raw.get("storage") or "runs/sweeps"),
                   base=base, grid=grid, search=search, num_samples=num_samples, asha=asha,
                   max_concurrent_trials=max_concurrent)
     grid_configs(sweep)  # combinations may be invalid even where every value is valid alone
@@ -270,7 +271,7 @@ def run_trial(trial_space: dict, sweep: Sweep) -> None:
 
     values = _flat_values(sweep, trial_space)
     name = trial_name(sweep, values, ray.tune.get_context().get_trial_id())
-    cfg = config_lib.replace(trial_config(sweep, values), run={"name": name, "storage": str(sweep.dir)})
+    cfg = config_lib.replace(trial_config(sweep, values), run={"name": name, "storage": sweep.dir})
     hparams = {k: v if isinstance(v, (str, bool, int, float)) else str(v) for k, v in values.items()}
     try:
         run_training(cfg, callbacks=[TuneReportCallback()], hparams=hparams)
@@ -311,15 +312,15 @@ def _max_concurrent(sweep: Sweep) -> int:
 
 
 def _check_resume(sweep: Sweep, resume: bool) -> None:
-    saved = sweep.dir / SWEEP_FILE
+    saved = storage.join(sweep.dir, SWEEP_FILE)
     if not resume:
-        if sweep.dir.exists() and any(sweep.dir.iterdir()):
+        if storage.list_names(sweep.dir):
             raise SweepError(f"sweep dir {sweep.dir} already exists: continue it with --resume, or pass a new "
                              "--name (nothing was changed)")
         return
-    if not saved.is_file():
+    if not storage.is_file(saved):
         raise SweepError(f"nothing to resume: {saved} not found; start the sweep without --resume")
-    old = yaml.safe_load(saved.read_text())
+    old = yaml.safe_load(storage.read_text(saved))
     new = _yaml_round_trip(sweep.as_dict())
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
@@ -333,6 +334,7 @@ def _yaml_round_trip(d: dict) -> dict:
 
 def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) -> dict:
     """Run (or continue) the sweep; returns counts of finished/unfinished/errored trials."""
+    storage.check_writable(sweep.storage)  # a bad bucket, endpoint or credentials: one line, before anything runs
     _check_resume(sweep, resume)
     from .data import load_cifar
 
@@ -358,10 +360,9 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
     # which on a small cluster would hold the CPUs the trial's own workers need (a deadlock).
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"memory": 1})
     if resume:
-        tuner = tune.Tuner.restore(str(sweep.dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(sweep.dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        sweep.dir.mkdir(parents=True, exist_ok=True)
-        write_text(sweep.dir / SWEEP_FILE, yaml.safe_dump(sweep.as_dict(), sort_keys=False))
+        storage.write_text(storage.join(sweep.dir, SWEEP_FILE), yaml.safe_dump(sweep.as_dict(), sort_keys=False))
         scheduler = None
         if sweep.asha:
             # time_attr "epoch": Tune's training_iteration restarts at 1 when a trial is resumed. max_t one past the
@@ -378,8 +379,8 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
         )
     results = tuner.fit()
     errors = [str(r.error).splitlines()[0][:300] for r in results if r.error]
-    summaries = [read_json(f) or {} for f in sweep.dir.glob(f"*/{RESULT_FILE}")]
+    summaries = [storage.read_json(storage.join(d, RESULT_FILE)) or {} for d in trial_dirs(sweep.dir)]
     finished = sum(1 for s in summaries if is_finished(s))
     diverged = sum(1 for s in summaries if s.get("status") == "diverged")
-    return {"dir": str(sweep.dir), "trials": trial_count(sweep), "finished": finished, "diverged": diverged,
+    return {"dir": sweep.dir, "trials": trial_count(sweep), "finished": finished, "diverged": diverged,
             "errors": errors, "max_concurrent_trials": max_concurrent}

@@ -8,12 +8,14 @@ that silently evaluates at 10 %. Files are read with `torch.load(weights_only=Tr
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import storage
 from .checkpoint import describe as describe_checkpoint
 from .checkpoint import is_checkpoint, resolve_checkpoint
 from .constants import NUM_CLASSES
@@ -29,12 +31,14 @@ LISTED_KEYS = 12
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict with wrapper prefixes removed, info about the file: format, and model/dataset/epoch if known)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
+    """(state dict with wrapper prefixes removed, info about the file: format, and model/dataset/epoch if known).
+
+    `path`: a local file or a URI (s3://...)."""
+    path = storage.absolute(path)
+    if not storage.is_file(path):
         raise WeightsError(f"weights file {path} not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
         detail = detail.split(" was not an allowed global")[0][:200]  # drop torch's advice to allow it
@@ -51,7 +55,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             f"cannot read {path} as torch weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             "expected a state dict, a ray-resnet checkpoint.pt, or a {'state_dict': ...} file saved with torch.save"
         ) from None
-    info: dict = {"file": str(path)}
+    info: dict = {"file": path}
     if is_checkpoint(obj):
         info.update(format="ray-resnet checkpoint", **describe_checkpoint(obj))
         obj = obj["model"]

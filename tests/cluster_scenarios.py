@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
+from ray_resnet import storage as storage_lib
 from ray_resnet.checkpoint import load_checkpoint
 from ray_resnet.config import load_config
 from ray_resnet.data import load_cifar, take_subset
@@ -34,22 +36,24 @@ def _config(root: str, storage: str, name: str, epochs: int):
     ])
 
 
-def committed_epoch(run_dir: Path) -> int:
-    """Epoch of the latest checkpoint Ray Train has committed (the one it would resume from); 0 if none."""
+def committed_epoch(run_dir: Path | str) -> int:
+    """Epoch of the latest checkpoint Ray Train has committed (the one it would resume from); 0 if none. `run_dir`
+    may be a URI (this process then needs the store's settings in its environment)."""
+    snapshot = storage_lib.read_json(storage_lib.join(run_dir, "checkpoint_manager_snapshot.json")) or {}
     try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
         return snapshot["latest_checkpoint_result"]["metrics"]["epoch"]
-    except (OSError, ValueError, KeyError, TypeError):  # not there yet, or being rewritten
+    except (KeyError, TypeError):  # not there yet
         return 0
 
 
-def run_scenario(name: str, root: Path, storage: Path) -> dict:
-    """This file's scenario `name` in a fresh Python process; its result plus the whole log."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def run_scenario(name: str, root: Path | str, storage: Path | str, env: dict | None = None) -> dict:
+    """This file's scenario `name` in a fresh Python process (with `env` added to its environment); its result
+    plus the whole log. `root` and `storage` may be URIs."""
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
     repo = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, __file__, name, str(root), str(storage)],
-                          env=env, capture_output=True, text=True, timeout=500)
+                          env=env, capture_output=True, text=True, timeout=500, cwd=tempfile.mkdtemp())
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {**json.loads(lines[-1][len("RESULT "):]), "log": proc.stdout + proc.stderr}
@@ -75,15 +79,15 @@ def main(scenario: str, root: str, storage: str) -> dict:
         ray.init(address=cluster.address)
         cluster.wait_for_nodes()
         node_ids = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-        cfg = _config(root, storage, scenario, epochs=2 if scenario == "spread" else 4)
-        if scenario == "spread":
+        cfg = _config(root, storage, scenario, epochs=4 if scenario == "remove_node" else 2)
+        if scenario != "remove_node":
             summary = run_training(cfg)
             out = {"summary": summary, "cluster_nodes": node_ids}
         else:  # remove the second node mid-run; add_node/remove_node must run on the main thread
             box: dict = {}
             fit = threading.Thread(target=lambda: box.update(summary=_catch(run_training, cfg)))
             fit.start()
-            run_dir = Path(storage) / scenario
+            run_dir = storage_lib.join(storage, scenario)
             while fit.is_alive() and committed_epoch(run_dir) < 1:
                 time.sleep(0.2)
             removed_at = time.time()

@@ -49,3 +49,22 @@ def real_cifar_small(tmp_path_factory, cache_dir):
         table = pq.ParquetFile(SHARED_CIFAR / f"{split}.parquet").iter_batches(batch_size=rows)
         pq.write_table(__import__("pyarrow").Table.from_batches([next(table)]), root / f"{split}.parquet")
     return root
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1 with the bucket `ray-resnet`; `s3.env` holds the client settings."""
+    from s3_server import BUCKET, S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log")
+    server.client().create_bucket(Bucket=BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """This process as an S3 client of `s3` (for code that runs here, not in a subprocess)."""
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    return s3

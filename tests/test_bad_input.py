@@ -188,6 +188,9 @@ CASES = {
     "eval --final": (lambda w: ["eval", "--checkpoint", str(w.run_dir), "--final"], "--final needs"),
     "export existing": (lambda w: ["export", "--checkpoint", str(w.run_dir), "--format", "state_dict",
                                    "--output", str(w.files / "exists.pt")], "already exists"),
+    # storage
+    "storage scheme": (lambda w: _train(w, "--storage", "foo://bucket/runs"), "pyarrow cannot open this kind of URI"),
+    "storage secret in URI": (lambda w: _train(w, "--storage", "s3://AKID:secret@bucket/runs"), "credentials in a URI"),
     # run and sweep dirs
     "other recipe": (_set("optim.lr=0.2"), "holds a run with another config \\(optim.lr: 0.1 -> 0.2\\)"),
     "report not a sweep": (lambda w: ["report", str(w.run_dir)], "is not a sweep dir .it is one training run"),

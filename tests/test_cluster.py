@@ -46,7 +46,16 @@ def test_cluster_yaml_passes_rays_validation_and_is_safe(path):
     text = path.read_text()
     assert cfg["file_mounts"]["~/ray-resnet"] == "." and ".gitignore" in cfg["rsync_filter"]
     setup = " ".join(cfg["setup_commands"])
-    assert "pip install -e ~/ray-resnet" in setup and "/mnt/shared" in setup  # package + shared storage, every node
+    assert "pip install -e ~/ray-resnet" in setup  # the package on every node
+    nodes = [t["node_config"] for t in cfg["available_node_types"].values()]
+    if cfg["provider"]["type"] == "aws":  # run dirs in S3: every node may use the bucket (a marked placeholder)
+        assert all("<RAY_RESNET_BUCKET_PROFILE>" in n["IamInstanceProfile"]["Arn"] for n in nodes)
+        assert "s3://<BUCKET>/runs" in text and "/mnt/shared" not in setup  # EFS only as the commented alternative
+    elif cfg["provider"]["type"] == "gcp":
+        assert all("<RAY_RESNET_SA>" in n["serviceAccounts"][0]["email"] for n in nodes)
+        assert "gs://<BUCKET>/runs" in text and "/mnt/shared" not in setup
+    else:
+        assert "/mnt/shared" in setup  # on-premise: the NFS export
     head_start = " ".join(cfg["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start and "RAY_AUTH_MODE=token" in head_start
     assert all("RAY_AUTH_MODE=token" in c for c in cfg["worker_start_ray_commands"] if "ray start" in c)
@@ -152,6 +161,8 @@ def test_ray_job_submit_trains_on_a_real_head(real_cifar_small, tmp_path):
                                 capture_output=True, text=True, timeout=120)
         assert "Job 'smoke-1' succeeded" in status.stdout  # JobStatus.SUCCEEDED
         assert "done: job-smoke (resnet20" in job.stdout  # --smoke-test runs under <name>-smoke
+        # RAY_TRAIN_ENABLE_PRINT_PATCH=0 reached the head's workers (with Ray's default, every line shows twice).
+        assert len([line for line in job.stdout.splitlines() if "epoch   1/1  train loss" in line]) == 1
 
         run_dir = storage / "job-smoke"
         result = json.loads((run_dir / "result.json").read_text())
@@ -188,3 +199,18 @@ def test_autoscaling_clusters_skip_the_fit_check_and_ask_for_gpus():
         True, {"CPU": 1, "GPU": 1}, 1)
     assert plan_resources(load_config(None, ["run.num_workers=4", "run.autoscaling=true", "run.device=cpu",
                                              "run.cpus_per_worker=4"])) == (False, {"CPU": 4}, 4)
+
+
+def test_the_runtime_env_shares_settings_and_endpoints_but_never_secrets(monkeypatch):
+    from ray_resnet.train import shared_environment
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.internal:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-ship")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    shared = shared_environment()["env_vars"]
+    assert shared["AWS_ENDPOINT_URL"] == "http://minio.internal:9000" and shared["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
+    assert "AWS_SECRET_ACCESS_KEY" not in shared and "AWS_ACCESS_KEY_ID" not in shared
+    # In a submitted job, keys its own runtime env sets are left to it (Ray refuses a key set twice).
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL": "http://other:9000"}}}))
+    assert "AWS_ENDPOINT_URL" not in shared_environment()["env_vars"]

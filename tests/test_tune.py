@@ -93,7 +93,7 @@ def test_a_trial_that_cannot_fit_fails_before_any_trial_starts(real_cifar_small,
     sweep = load_sweep(file, storage=str(tmp_path / "sweeps"))
     with pytest.raises(SweepError, match="one trial cannot fit on this cluster: 3 worker\\(s\\) x \\{'CPU': 1\\}"):
         run_sweep(sweep)
-    assert not sweep.dir.exists()
+    assert not Path(sweep.dir).exists()
 
 
 @pytest.mark.usefixtures("ray_local")
@@ -174,8 +174,8 @@ def test_asha_stops_a_bad_learning_rate_early(tmp_path):
     sweep = load_sweep(file, storage=str(tmp_path / "sweeps"))
     outcome = run_sweep(sweep)
     assert not outcome["errors"]
-    assert outcome["finished"] == 1 and (sweep.dir / "resnet20-s0-lr=0.05" / "result.json").is_file()
-    assert {"optim.lr", "model", "seed"} <= _hparam_names(sweep.dir / "resnet20-s0-lr=0.05")  # swept keys in HParams
+    assert outcome["finished"] == 1 and (Path(sweep.dir) / "resnet20-s0-lr=0.05" / "result.json").is_file()
+    assert {"optim.lr", "model", "seed"} <= _hparam_names(Path(sweep.dir) / "resnet20-s0-lr=0.05")  # swept keys in HParams
     _, runs = read_runs(sweep.dir)
     assert {r.name: (r.epoch, bool(r.finished)) for r in runs} == {
         "resnet20-s0-lr=0.05": (2, True), "resnet20-s0-lr=1e-07": (1, False)}

@@ -1,0 +1,232 @@
+"""Run dirs, sweeps and data in S3, against a real S3 endpoint on 127.0.0.1 (moto's server, started by the tests
+and stopped by its pid; no mocked filesystem). Runs go through the `ray-resnet` command in subprocesses that hold
+the client settings in their environment, as a user's shell would."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster_scenarios import committed_epoch, run_scenario
+from fixtures import own_lines
+from s3_server import BUCKET, S3Server
+from ray_resnet import cli, storage
+from ray_resnet.checkpoint import load_checkpoint, save_checkpoint
+from ray_resnet.config import Config, read_config, save_config
+from ray_resnet.report import read_curve
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.train_subset=256", "data.test_subset=200", "optim.batch_size=64", "schedule.warmup_epochs=0",
+        "schedule.milestones=[]", "optim.lr=0.05", "perf.eval_batch_size=200"]
+
+
+def _sets(*extra: str) -> list[str]:
+    return [a for s in [*TINY, *extra] for a in ("--set", s)]
+
+
+def ray_resnet(s3, cwd: Path, *argv: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    """`ray-resnet ...` in a fresh process (its own embedded Ray) with the S3 settings in its environment."""
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **s3.env}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-m", "ray_resnet.cli", *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def s3_data(s3, real_cifar_small):
+    """The real CIFAR-10 slice, uploaded: a data.root that exists only in S3."""
+    with pytest.MonkeyPatch.context() as patch:  # the upload runs in this process
+        for key, value in s3.env.items():
+            patch.setenv(key, value)
+        storage.upload_dir(real_cifar_small, f"s3://{BUCKET}/cifar10-small")
+    return f"s3://{BUCKET}/cifar10-small"
+
+
+# --- the storage layer itself, in this process ---------------------------------------------------------------
+
+def test_files_checkpoints_and_configs_round_trip_through_s3(s3_env, tmp_path):
+    base = f"s3://{BUCKET}/unit"
+    storage.write_text(storage.join(base, "a", "note.txt"), "hello")
+    assert storage.read_text(f"{base}/a/note.txt") == "hello" and storage.is_file(f"{base}/a/note.txt")
+    assert storage.list_names(base) == ["a"] and storage.glob(base, "a/*.txt") == [f"{base}/a/note.txt"]
+    assert storage.read_json(f"{base}/a/missing.json") is None
+    save_config(Config(model="resnet32"), f"{base}/run/config.yaml")
+    assert read_config(f"{base}/run/config.yaml").model == "resnet32"
+    save_checkpoint({"model": {}, "config": {"model": "resnet20"}, "epoch": 3}, f"{base}/run/best")
+    assert load_checkpoint(f"{base}/run")["epoch"] == 3  # a run dir resolves to its best checkpoint
+    (tmp_path / "tb").mkdir()
+    (tmp_path / "tb" / "events.out.tfevents.1").write_bytes(b"x" * 1000)
+    storage.upload_dir(tmp_path / "tb", f"{base}/run/tb")
+    storage.download_dir(f"{base}/run/tb", tmp_path / "back")
+    assert (tmp_path / "back" / "events.out.tfevents.1").read_bytes() == b"x" * 1000
+    assert s3_env.keys("unit/run/") == ["unit/run/best/checkpoint.pt", "unit/run/config.yaml",
+                                   "unit/run/tb/events.out.tfevents.1"]
+    storage.remove(f"{base}/a/note.txt")
+    assert not storage.exists(f"{base}/a/note.txt")
+
+
+def _error(capsys, *argv: str) -> tuple[str, float]:
+    start = time.monotonic()
+    assert cli.main(list(argv)) == 2
+    err = own_lines(capsys.readouterr().err)
+    assert len(err) == 1, err
+    return err[0], time.monotonic() - start
+
+
+def test_bad_storage_is_one_line_within_30_s_before_anything_runs(s3_env, tmp_path, capsys, monkeypatch):
+    train = ["train", "--data", str(tmp_path / "never-read"), "--name", "x"]
+    line, seconds = _error(capsys, *train, "--storage", "s3://no-such-bucket/runs")
+    assert "s3://no-such-bucket/runs" in line and "the bucket does not exist" in line and seconds < 30
+    line, _ = _error(capsys, *train, "--storage", "foo://bucket/runs")
+    assert "foo://bucket" in line and "pyarrow cannot open this kind of URI" in line
+    line, _ = _error(capsys, *train, "--storage", "s3://AKIDEXAMPLE:supersecret@bucket/runs")
+    assert "credentials in a URI" in line and "supersecret" not in line
+    line, _ = _error(capsys, "sweep", "-c", str(REPO / "configs" / "sweep_table6.yaml"), "--storage",
+                     "s3://no-such-bucket/sweeps", "--data", str(tmp_path))
+    assert "s3://no-such-bucket/sweeps" in line and "the bucket does not exist" in line
+
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        line, seconds = _error(capsys, *train, "--storage", f"s3://{BUCKET}/runs")
+    assert f"s3://{BUCKET}/runs: no answer from the object store in 20 s" in line and "AWS_ENDPOINT_URL" in line
+    assert seconds < 30
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    line, seconds = _error(capsys, *train, "--storage", f"s3://{BUCKET}/runs")
+    assert "cannot reach the object store" in line and seconds < 30
+    assert not (tmp_path / "runs").exists()
+
+
+def test_refused_and_missing_credentials_name_what_to_check(tmp_path, capsys, monkeypatch):
+    guarded = S3Server(tmp_path / "moto-auth.log", auth=True)  # this one checks the keys it is given
+    guarded.client().create_bucket(Bucket=BUCKET)
+    try:
+        for key, value in guarded.env.items():
+            monkeypatch.setenv(key, value)
+        line, seconds = _error(capsys, "train", "--data", str(tmp_path), "--storage", f"s3://{BUCKET}/runs")
+        assert "access was refused: check the credentials" in line and guarded.env["AWS_SECRET_ACCESS_KEY"] not in line
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        line, _ = _error(capsys, "train", "--data", str(tmp_path), "--storage", f"s3://{BUCKET}/runs")
+        assert "no AWS credentials are configured here" in line and "check the credentials" in line
+    finally:
+        guarded.stop()
+
+
+# --- runs, sweeps and commands on S3: real Ray in subprocesses -------------------------------------------------
+
+@pytest.mark.ray
+def test_a_two_worker_run_lives_in_the_bucket_and_every_command_reads_it(s3_env, real_cifar_small, tmp_path, capsys):
+    run = f"s3://{BUCKET}/runs/r2"
+    ray_resnet(s3_env, tmp_path, "train", "--data", str(real_cifar_small), "--storage", f"s3://{BUCKET}/runs",
+               "--name", "r2", "--num-workers", "2", *_sets("schedule.epochs=2"))
+    keys = s3_env.keys("runs/r2/")
+    assert {"runs/r2/config.yaml", "runs/r2/result.json", "runs/r2/best/checkpoint.pt"} <= set(keys)
+    assert [k for k in keys if k.startswith("runs/r2/checkpoint_") and k.endswith("/checkpoint.pt")]
+    assert [k for k in keys if k.startswith("runs/r2/tb/events.out.tfevents.")]
+    assert not list(tmp_path.iterdir())  # nothing local: no runs/ dir
+    result = storage.read_json(f"{run}/result.json")
+    assert result["status"] == "finished" and result["checkpoint"].startswith(f"{run}/checkpoint_")
+    assert sorted(read_curve(f"{run}/tb")) == [1, 2]
+    print("\n[s3] bucket listing of a 2-worker run:\n  " + "\n  ".join(keys))
+
+    # The rerun of a finished run says so, reading everything from the bucket; another recipe is refused.
+    assert "is already finished" in ray_resnet(s3_env, tmp_path, "train", "--data", str(real_cifar_small),
+                                               "--storage", f"s3://{BUCKET}/runs", "--name", "r2",
+                                               *_sets("schedule.epochs=2")).stdout
+    line, _ = _error(capsys, "train", "--data", str(real_cifar_small), "--storage", f"s3://{BUCKET}/runs", "--name",
+                     "r2", *_sets("schedule.epochs=2", "optim.lr=0.2"))
+    assert f"run dir {run} holds a run with another config (optim.lr: 0.05 -> 0.2)" in line
+
+    assert cli.main(["eval", "--checkpoint", run, "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["kind"] == "best" and evaluated["count"] == 500 and evaluated["file"] == f"{run}/best/checkpoint.pt"
+    assert cli.main(["eval", "--checkpoint", run, "--final"]) == 0
+    assert "from the final checkpoint of epoch 2" in capsys.readouterr().out
+    assert cli.main(["export", "--checkpoint", run, "--format", "state_dict", "--output", f"{run}/r20.pt"]) == 0
+    assert "same top-1 on 256/256" in capsys.readouterr().out and storage.is_file(f"{run}/r20.pt")
+    assert cli.main(["eval", "--weights", f"{run}/r20.pt", "--model", "resnet20", "--data",
+                     str(real_cifar_small), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["acc"] == evaluated["acc"]
+
+    from test_run_outputs import SCALAR_TAGS, Served, _free_port
+
+    port = _free_port()
+    served = Served([sys.executable, "-m", "ray_resnet.cli", "tensorboard", run, "--port", str(port)],
+                    tmp_path / "tb.log", port)
+    try:
+        tags = served.request("/data/plugin/scalars/tags", ready=lambda t: SCALAR_TAGS <= set(t.get("tb", {})))
+        points = served.request("/data/plugin/scalars/scalars?run=tb&tag=test/acc")
+        assert set(tags) == {"tb"} and [step for _, step, _ in points] == [1, 2]
+    finally:
+        served.stop()
+
+
+@pytest.mark.ray
+def test_a_killed_driver_resumes_from_the_bucket(s3_env, real_cifar_small, tmp_path):
+    from test_faults import TrainProcess, tb_steps
+
+    run, epochs = f"s3://{BUCKET}/runs/killed", 3
+    first = TrainProcess(tmp_path, real_cifar_small, "killed", epochs, storage=f"s3://{BUCKET}/runs", env=s3_env.env)
+    try:
+        first.wait_until(lambda: committed_epoch(run) >= 1)
+        first.processes()
+        first.proc.kill()
+        first.proc.wait(30)
+    finally:
+        first.cleanup()
+    assert storage.read_json(f"{run}/result.json") is None
+    second = TrainProcess(tmp_path, real_cifar_small, "killed", epochs, "2", storage=f"s3://{BUCKET}/runs",
+                          env=s3_env.env)
+    assert second.finish() == 0, second.log[-3000:]
+    assert "resuming from the checkpoint of epoch" in second.log
+    assert storage.read_json(f"{run}/result.json")["epoch"] == epochs
+    assert tb_steps(run) == list(range(1, epochs + 1))  # every epoch once, across both attempts' event files
+
+
+@pytest.mark.ray
+def test_two_nodes_with_storage_and_data_only_in_s3(s3, s3_data, tmp_path):
+    out = run_scenario("s3", s3_data, f"s3://{BUCKET}/cluster", env=s3.env)
+    summary = out["summary"]
+    assert isinstance(summary, dict), summary
+    assert summary["epoch"] == 2 and summary["run_dir"] == f"s3://{BUCKET}/cluster/s3"
+    assert sorted(out["worker_nodes"]) == out["cluster_nodes"]  # SPREAD: one rank on each node
+    assert summary["final_test_acc"] == pytest.approx(out["single_process_test_acc"], abs=1.01)
+
+
+@pytest.mark.ray
+def test_a_sweep_in_s3_resumes_and_reports(s3_env, s3_data, tmp_path, capsys):
+    import yaml
+
+    file = tmp_path / "s3sweep.yaml"
+    file.write_text(yaml.safe_dump({
+        "name": "s3sweep", "grid": {"seed": [0, 1]},
+        "config": {"data": {"root": s3_data, "train_subset": 128, "test_subset": 64}, "optim": {"batch_size": 64},
+                   "schedule": {"epochs": 1, "warmup_epochs": 0, "milestones": []}, "perf": {"eval_batch_size": 64}},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1}}))
+    args = ["sweep", "-c", str(file), "--storage", f"s3://{BUCKET}/sweeps"]
+    assert "sweep s3sweep: 2/2 trials finished" in ray_resnet(s3_env, tmp_path, *args).stdout
+    sweep = f"s3://{BUCKET}/sweeps/s3sweep"
+    before = {k: v for k, v in _etags(s3_env, "sweeps/s3sweep/").items() if "result.json" in k}
+    assert len(before) == 2 and "sweeps/s3sweep/sweep.yaml" in s3_env.keys("sweeps/s3sweep/")
+    assert "2/2 trials finished" in ray_resnet(s3_env, tmp_path, *args, "--resume").stdout
+    assert {k: v for k, v in _etags(s3_env, "sweeps/s3sweep/").items() if "result.json" in k} == before
+    assert cli.main(["report", sweep]) == 0
+    assert "| resnet20 | 269,722 | 2 |" in capsys.readouterr().out
+    assert {"sweeps/s3sweep/report.md", "sweeps/s3sweep/report.csv", "sweeps/s3sweep/curves.png"} <= set(
+        s3_env.keys("sweeps/s3sweep/"))
+    assert not list(tmp_path.glob("runs"))
+
+
+def _etags(s3, prefix: str) -> dict[str, str]:
+    pages = s3.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {o["Key"]: o["ETag"] + str(o["LastModified"]) for page in pages for o in page.get("Contents", [])}
