@@ -103,10 +103,15 @@ class PerfConfig:
 class RunConfig:
     name: str | None = None  # None: <model>-<dataset>-s<seed>; rerunning with the same name resumes
     storage: str = "runs"  # run dirs live in <storage>/<name>: a local path or a URI (s3://bucket/runs, gs://...)
-    num_workers: int = setting(1, "x >= 1")
+    # N, or [min, max] for an elastic run: Ray Train starts as many as fit (up to max), goes on with fewer when
+    # nodes are lost and grows again when they come back; the recipe (global batch included) stays the same.
+    num_workers: int | tuple[int, ...] = setting(1, "x >= 1")
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs when the cluster has enough
     cpus_per_worker: int | None = setting(None, "x >= 1")  # None: on CPU all cluster CPUs split evenly, on GPU 1
     gpus_per_worker: float = setting(1.0, "x > 0")  # on GPU; 0.25 packs four small-ResNet workers on one GPU
+    # An elastic run checks this often (seconds) whether the cluster has room for more workers; growing restarts
+    # the workers from the latest checkpoint.
+    resize_interval_s: float = setting(60.0, "x > 0")
     checkpoint_every: int = setting(1, "x >= 1")  # epochs
     keep_checkpoints: int = setting(2, "x >= 1")  # the latest K epoch checkpoints; the best one is kept apart
     # Worker-group restarts from the latest checkpoint before giving up; -1: no limit (Ray's convention).
@@ -117,11 +122,30 @@ class RunConfig:
     # and use GPUs unless device is cpu, since GPU nodes may not exist yet when the run starts.
     autoscaling: bool = False
 
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers: (N, N) for a fixed-size run."""
+        workers = self.num_workers
+        return (workers, workers) if isinstance(workers, int) else (workers[0], workers[-1])
+
+    @property
+    def elastic(self) -> bool:
+        return not isinstance(self.num_workers, int)
+
+    @property
+    def workers_text(self) -> str:
+        """run.num_workers as a user writes it: 4, or [1, 4]."""
+        return str(list(self.num_workers) if self.elastic else self.num_workers)
+
 
 @dataclass(frozen=True)
 class Config:
     model: str = "resnet20"
     seed: int = setting(0, "x >= 0")  # fixes init, data order and augmentation
+    # With several workers, what BatchNorm normalises over. global: the whole global batch, with the same running
+    # statistics on every rank, so a run trains alike at any worker count. per_worker: each worker's share (DDP's
+    # default; the paper's 2-GPU runs normalised over 64 images per GPU). One worker: the same either way.
+    batchnorm: Literal["global", "per_worker"] = "global"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -213,7 +237,11 @@ def _in_range(value: Any, allowed: Allowed | None, key: str) -> Any:
 
 def _check_rules(cfg: Config) -> None:
     """The rules that tie keys together; every broken one is named in one error."""
-    s, workers = cfg.schedule, cfg.run.num_workers
+    if cfg.run.elastic and (len(cfg.run.num_workers) != 2 or cfg.run.num_workers[0] > cfg.run.num_workers[1]):
+        raise ConfigError(f"run.num_workers={cfg.run.workers_text}: an elastic run takes [min, max] with "
+                          "min <= max, e.g. [1, 4]")
+    s, (_, workers) = cfg.schedule, cfg.run.worker_range
+    named = f"run.num_workers={cfg.run.workers_text}" + (f" (up to {workers})" if cfg.run.elastic else "")
     broken = []
     if s.warmup_epochs > s.epochs:
         broken.append(f"schedule.warmup_epochs={s.warmup_epochs:g} is longer than schedule.epochs={s.epochs}")
@@ -224,9 +252,9 @@ def _check_rules(cfg: Config) -> None:
                       "would never drop there (set them for this run's length, or [] for none)")
     if cfg.optim.batch_size < workers:
         broken.append(f"optim.batch_size={cfg.optim.batch_size} is the global batch, split across "
-                      f"run.num_workers={workers}: each worker needs at least one image")
+                      f"{named}: each worker needs at least one image")
     if cfg.data.train_subset is not None and cfg.data.train_subset < workers:
-        broken.append(f"data.train_subset={cfg.data.train_subset} gives some of the run.num_workers={workers} "
+        broken.append(f"data.train_subset={cfg.data.train_subset} gives some of the {named} "
                       "workers no training image")
     if broken:
         raise ConfigError("; ".join(broken))

@@ -14,6 +14,7 @@ import os
 import pickle
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -251,6 +252,14 @@ def _seed_from(*values: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+class Step(NamedTuple):
+    """One training step of one rank: its share of the global batch, and where that share sits in it."""
+
+    indices: torch.Tensor  # this rank's sample indices
+    global_count: int  # images in the global batch, over all ranks
+    offset: int  # position of this rank's first image in the global batch
+
+
 def epoch_batches(
     num_samples: int,
     global_batch: int,
@@ -259,14 +268,14 @@ def epoch_batches(
     epoch: int,
     seed: int,
     shuffle: bool = True,
-) -> list[tuple[torch.Tensor, int]]:
-    """This rank's training steps for one epoch: a list of (local_indices, global_count).
+) -> list[Step]:
+    """This rank's training steps for one epoch.
 
-    One permutation (the same on every rank) is cut into global batches of ``global_batch``
-    samples; each is split across ranks with sizes differing by at most one. Every rank gets
-    the same number of steps and every index appears exactly once across ranks. The caller
-    scales the loss by local_size / global_count so DDP's gradient average is the exact
-    global-batch mean even when local sizes differ.
+    One permutation (the same on every rank, keyed on seed and epoch) is cut into global batches of
+    ``global_batch`` samples; each is split across ranks in order, with sizes differing by at most one. Every
+    rank gets the same number of steps and every index appears exactly once across ranks, so at any worker count
+    a step trains on the same images. The caller scales the loss by local_size / global_count so DDP's gradient
+    average is the exact global-batch mean even when local sizes differ.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
@@ -289,10 +298,11 @@ def epoch_batches(
     if num_samples - starts[-1] < world_size:
         starts.pop()
     bounds = starts + [num_samples]
-    return [
-        (torch.tensor_split(order[lo:hi], world_size)[rank], hi - lo)
-        for lo, hi in zip(bounds[:-1], bounds[1:])
-    ]
+    steps = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        shares = torch.tensor_split(order[lo:hi], world_size)
+        steps.append(Step(shares[rank], hi - lo, sum(len(s) for s in shares[:rank])))
+    return steps
 
 
 def eval_shard(num_samples: int, world_size: int, rank: int) -> torch.Tensor:
@@ -344,26 +354,34 @@ def augment(
     pad: int = 4,
     flip_p: float = 0.5,
     erase_p: float = 0.25,
+    global_count: int | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """Per-sample pad+random-crop, horizontal flip, normalize, random erasing; all batched.
 
     uint8 [B,3,H,W] -> float32 [B,3,H,W]. ``generator`` must live on the images' device; the
     output is a deterministic function of its state. Erasing follows torchvision's
     RandomErasing(p=erase_p, scale=(0.02, 1/3), ratio=(0.3, 3.3), value="random").
+
+    With ``global_count`` the images are rows ``offset`` .. ``offset + B`` of a global batch of
+    that many: every draw is made for the whole global batch and this slice is kept, so an image
+    gets the same crop, flip and erasing whichever rank holds it (and every rank's generator
+    advances alike).
     """
     batch, channels, height, width = images_uint8.shape
     device = images_uint8.device
+    total, share = global_count or batch, slice(offset, offset + batch)
 
     def uniform(*shape: int) -> torch.Tensor:
-        return torch.rand(shape, generator=generator, device=device)
+        return torch.rand((total, *shape), generator=generator, device=device)[share]
 
     # Crop + flip as one gather from the zero-padded batch: output pixel (i, j) of sample b
     # reads padded[b, :, dy_b + i, dx_b + j], with j mirrored (width - 1 - j) when flipped.
     padded = F.pad(images_uint8, (pad, pad, pad, pad))
     padded_width = width + 2 * pad
-    dy = torch.randint(0, 2 * pad + 1, (batch, 1), generator=generator, device=device)
-    dx = torch.randint(0, 2 * pad + 1, (batch, 1), generator=generator, device=device)
-    flip = uniform(batch, 1) < flip_p
+    dy = torch.randint(0, 2 * pad + 1, (total, 1), generator=generator, device=device)[share]
+    dx = torch.randint(0, 2 * pad + 1, (total, 1), generator=generator, device=device)[share]
+    flip = uniform(1) < flip_p
     ys, xs = torch.arange(height, device=device), torch.arange(width, device=device)
     rows = ys + dy  # [B, H]
     cols = torch.where(flip, width - 1 - xs, xs) + dx  # [B, W]
@@ -375,21 +393,21 @@ def augment(
     # area ~ U(scale) x image area (pixels), log aspect ~ U(log ratio); the first attempt whose
     # rectangle fits strictly inside the image is used, none fitting = no erase.
     lo, hi = _ERASE_SCALE
-    area = height * width * (lo + (hi - lo) * uniform(batch, _ERASE_ATTEMPTS))
+    area = height * width * (lo + (hi - lo) * uniform(_ERASE_ATTEMPTS))
     log_lo, log_hi = math.log(_ERASE_RATIO[0]), math.log(_ERASE_RATIO[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * uniform(batch, _ERASE_ATTEMPTS))
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * uniform(_ERASE_ATTEMPTS))
     h = torch.round(torch.sqrt(area * aspect)).long()  # torch.round = Python round (half to even)
     w = torch.round(torch.sqrt(area / aspect)).long()
     fits = (h < height) & (w < width)
     first = fits.long().argmax(dim=1, keepdim=True)  # index of the first fitting attempt
     h, w = h.gather(1, first), w.gather(1, first)  # [B, 1]
-    erase = (uniform(batch, 1) < erase_p) & fits.any(dim=1, keepdim=True)
+    erase = (uniform(1) < erase_p) & fits.any(dim=1, keepdim=True)
     # Integer top/left uniform in [0, height - h] and [0, width - w]; the clamp guards float
     # rounding of u * n up to n.
-    top = (uniform(batch, 1) * (height - h + 1)).long().clamp(max=height - h)
-    left = (uniform(batch, 1) * (width - w + 1)).long().clamp(max=width - w)
+    top = (uniform(1) * (height - h + 1)).long().clamp(max=height - h)
+    left = (uniform(1) * (width - w + 1)).long().clamp(max=width - w)
     in_rows = (ys >= top) & (ys < top + h)  # [B, H]
     in_cols = (xs >= left) & (xs < left + w)  # [B, W]
     mask = (in_rows[:, :, None] & in_cols[:, None, :] & erase[:, :, None]).unsqueeze(1)  # [B,1,H,W]
-    noise = torch.randn(out.shape, generator=generator, device=device)
+    noise = torch.randn((total, *out.shape[1:]), generator=generator, device=device)[share]
     return torch.where(mask, noise, out)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import OptimConfig, ScheduleConfig
-from .data import augment, normalize
+from .data import Step, augment, normalize
 
 
 def lr_at(epoch: float, base_lr: float, schedule: ScheduleConfig) -> float:
@@ -73,10 +73,12 @@ def _indices_on(device: torch.device, batches: Sequence[torch.Tensor]) -> tuple[
     return torch.cat(list(batches)).to(device).split([len(b) for b in batches])
 
 
-def _prepare(images_u8: torch.Tensor, device: torch.device, channels_last: bool, train: bool,
-             generator: torch.Generator | None, erase_p: float) -> torch.Tensor:
+def _prepare(images_u8: torch.Tensor, device: torch.device, channels_last: bool, step: Step | None = None,
+             generator: torch.Generator | None = None, erase_p: float = 0.0) -> torch.Tensor:
+    """Normalised images on `device`; augmented as rows of `step`'s global batch when training."""
     x = images_u8.to(device, non_blocking=True)
-    x = augment(x, generator, erase_p=erase_p) if train else normalize(x)
+    x = normalize(x) if step is None else augment(x, generator, erase_p=erase_p, global_count=step.global_count,
+                                                   offset=step.offset)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -86,7 +88,7 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     images: torch.Tensor,
     labels: torch.Tensor,
-    steps: Sequence[tuple[torch.Tensor, int]],
+    steps: Sequence[Step],
     generator: torch.Generator,
     *,
     label_smoothing: float = 0.1,
@@ -96,7 +98,8 @@ def train_one_epoch(
     world_size: int = 1,
     on_step: Callable[[int, int, torch.Tensor, float], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over `steps` (from data.epoch_batches). `images` are uint8 [N,3,32,32] on any device.
+    """One pass over `steps` (from data.epoch_batches). `images` are uint8 [N,3,32,32] on any device. Every rank
+    passes a generator in the same state (data order and augmentation depend on the global batch, not the rank).
 
     Each rank's loss is its sum over samples divided by the global batch size and multiplied by world_size,
     so DDP's gradient average is the exact mean over the global batch even when ranks hold unequal shares.
@@ -110,8 +113,9 @@ def train_one_epoch(
     seen = 0
     lr = optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
-    for i, (idx, (_, global_count)) in enumerate(zip(_indices_on(images.device, [idx for idx, _ in steps]), steps)):
-        x = _prepare(images[idx], device, channels_last, True, generator, erase_p)
+    for i, (idx, step) in enumerate(zip(_indices_on(images.device, [step.indices for step in steps]), steps)):
+        global_count = step.global_count
+        x = _prepare(images[idx], device, channels_last, step, generator, erase_p)
         y = labels[idx].to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x)
@@ -160,7 +164,7 @@ def evaluate(
     correct = torch.zeros((), device=device, dtype=torch.long)
     start = time.perf_counter()
     for chunk in _indices_on(images.device, indices.split(batch_size)):
-        x = _prepare(images[chunk], device, channels_last, False, None, 0.0)
+        x = _prepare(images[chunk], device, channels_last)
         y = labels[chunk].to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x)

@@ -19,6 +19,7 @@ from torch import nn
 
 from .checkpoint import Progress, training_state
 from .config import Config, to_dict
+from .batchnorm import use_global_batchnorm
 from .constants import NUM_CLASSES
 from .data import epoch_batches, eval_shard, take_subset
 from .engine import compile_model, evaluate, make_optimizer, make_scheduler, train_one_epoch
@@ -78,11 +79,14 @@ class Diverged:
     epoch: int
 
 
-def build_training(cfg: Config, device: torch.device, steps_per_epoch: int,
+def build_training(cfg: Config, device: torch.device, steps_per_epoch: int, world: int = 1,
                    wrap: Callable[[nn.Module], nn.Module] = lambda model: model) -> Training:
-    """The seeded model on `device` (channels_last if asked), wrapped by `wrap` (e.g. for DDP), compiled if asked."""
+    """The seeded model on `device` (channels_last if asked; BatchNorm over the global batch when `world` > 1 and
+    cfg.batchnorm is "global"), wrapped by `wrap` (e.g. for DDP), compiled if asked."""
     torch.manual_seed(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
     core = build_model(cfg.model, NUM_CLASSES[cfg.data.dataset]).to(device)
+    if world > 1 and cfg.batchnorm == "global":
+        core = use_global_batchnorm(core, device)
     params = sum(p.numel() for p in core.parameters())
     if cfg.perf.channels_last:
         core = core.to(memory_format=torch.channels_last)
@@ -97,9 +101,10 @@ def steps_per_epoch(cfg: Config, num_train: int, world: int) -> int:
     return len(epoch_batches(num_train, cfg.optim.batch_size, world, 0, 0, cfg.seed))
 
 
-def epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
-    """Augmentation randomness depends only on (seed, epoch, rank): a resumed run draws what it would have."""
-    state = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """Augmentation randomness depends only on (seed, epoch), never on the rank or the worker count: every rank
+    draws the whole global batch's parameters and keeps its share; a resumed run draws what it would have."""
+    state = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
     return torch.Generator(device=device).manual_seed(state)
 
 
@@ -107,7 +112,7 @@ def run_epoch(cfg: Config, training: Training, data: Splits, epoch: int, rank: i
               hooks: Sequence[Hooks] = ()) -> dict:
     """Train epoch `epoch` (0-based) and evaluate the result: the epoch's metrics, summed over the ranks."""
     start = time.perf_counter()
-    steps = [(data.train_index[positions], count) for positions, count in
+    steps = [step._replace(indices=data.train_index[step.indices]) for step in
              epoch_batches(len(data.train_index), cfg.optim.batch_size, world, rank, epoch, cfg.seed)]
     first = epoch * len(steps) + 1
 
@@ -116,11 +121,11 @@ def run_epoch(cfg: Config, training: Training, data: Splits, epoch: int, rank: i
             hook.step_end(first + i, images, loss, lr)
     train = train_one_epoch(
         training.model, training.optimizer, training.scheduler, data.train_images, data.train_labels, steps,
-        epoch_generator(cfg.seed, epoch, rank, data.train_images.device),
+        epoch_generator(cfg.seed, epoch, data.train_images.device),
         label_smoothing=cfg.optim.label_smoothing, erase_p=cfg.data.erase_p,
         channels_last=cfg.perf.channels_last, amp=cfg.perf.amp, world_size=world, on_step=step_end,
     )
-    if world > 1:  # evaluate rank 0's BN statistics everywhere: the ones the checkpoint holds
+    if world > 1:  # evaluate rank 0's BN statistics everywhere (with per-worker BN they differ): the checkpoint's
         for buffer in training.core.buffers():
             dist.broadcast(buffer, 0)
     test = evaluate(training.core, data.test_images, data.test_labels,

@@ -236,12 +236,14 @@ def test_epoch_batches_partition_every_index_once_in_lockstep(num_samples, globa
     assert num_steps == num_samples // global_batch + (num_samples % global_batch >= world_size)
     seen = []
     for step in range(num_steps):
-        sizes = [len(per_rank[r][step][0]) for r in range(world_size)]
-        counts = {per_rank[r][step][1] for r in range(world_size)}
+        sizes = [len(per_rank[r][step].indices) for r in range(world_size)]
+        offsets = [per_rank[r][step].offset for r in range(world_size)]
+        assert offsets == [sum(sizes[:r]) for r in range(world_size)]  # ranks hold the global batch in order
+        counts = {per_rank[r][step].global_count for r in range(world_size)}
         assert len(counts) == 1  # every rank scales its loss by the same global count
         assert sum(sizes) == counts.pop()
         assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
-        seen += [per_rank[r][step][0] for r in range(world_size)]
+        seen += [per_rank[r][step].indices for r in range(world_size)]
     seen = torch.cat(seen)
     assert seen.dtype == torch.int64
     assert torch.equal(seen.sort().values, torch.arange(num_samples))
@@ -249,21 +251,21 @@ def test_epoch_batches_partition_every_index_once_in_lockstep(num_samples, globa
 
 def test_epoch_batches_merges_a_tail_smaller_than_the_world():
     steps = epoch_batches(130, 128, world_size=3, rank=0, epoch=0, seed=0)
-    assert [count for _, count in steps] == [130]  # tail of 2 < 3 workers merged
+    assert [step.global_count for step in steps] == [130]  # tail of 2 < 3 workers merged
     steps = epoch_batches(131, 128, world_size=3, rank=2, epoch=0, seed=0)
-    assert [count for _, count in steps] == [128, 3]
+    assert [step.global_count for step in steps] == [128, 3]
 
 
 def test_epoch_batches_is_deterministic_and_reshuffles_each_epoch():
     def flat(epoch, seed=0, rank=1, shuffle=True):
-        return torch.cat([idx for idx, _ in epoch_batches(1000, 128, 2, rank, epoch, seed, shuffle)])
+        return torch.cat([step.indices for step in epoch_batches(1000, 128, 2, rank, epoch, seed, shuffle)])
 
     assert torch.equal(flat(epoch=5), flat(epoch=5))
     assert not torch.equal(flat(epoch=5), flat(epoch=6))
     assert not torch.equal(flat(epoch=5), flat(epoch=5, seed=1))
     ordered = [epoch_batches(10, 4, 2, r, epoch=0, seed=0, shuffle=False) for r in range(2)]
-    assert [idx.tolist() for idx, _ in ordered[0]] == [[0, 1], [4, 5], [8]]
-    assert [idx.tolist() for idx, _ in ordered[1]] == [[2, 3], [6, 7], [9]]
+    assert [step.indices.tolist() for step in ordered[0]] == [[0, 1], [4, 5], [8]]
+    assert [step.indices.tolist() for step in ordered[1]] == [[2, 3], [6, 7], [9]]
 
 
 def test_epoch_batches_rejects_impossible_sharding():
@@ -320,6 +322,17 @@ def test_augment_shape_dtype_and_determinism():
     assert out.shape == (32, 3, 32, 32) and out.dtype == torch.float32 and out.is_contiguous()
     assert torch.equal(out, augment(images, _gen(0)))
     assert not torch.equal(out, augment(images, _gen(1)))
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_each_ranks_share_of_a_global_batch_is_augmented_as_in_the_whole_batch(world_size):
+    """Crop, flip, erasing and its noise depend on an image's place in the global batch, not on the rank."""
+    images = random_cifar(37, seed=24)[0]
+    whole = augment(images, _gen(5), erase_p=0.5)
+    for rank in range(world_size):
+        step = epoch_batches(37, 37, world_size, rank, epoch=0, seed=0, shuffle=False)[0]
+        share = augment(images[step.indices], _gen(5), erase_p=0.5, global_count=37, offset=step.offset)
+        assert torch.equal(share, whole[step.indices])
 
 
 def test_augment_crops_and_flips_match_a_reference_per_sample():
