@@ -25,6 +25,16 @@ TRAIN_SHORTCUTS = {"model": "model", "num_workers": "run.num_workers", "data": "
 SWEEP_SHORTCUTS = {"data": "data.root"}  # the sweep's own --name and --storage name the sweep dir
 
 
+def _worker_count(text: str) -> int | list[int] | str:
+    """--num-workers: N, or MIN-MAX (run.num_workers [min, max]); anything else goes to the config as typed, which
+    names the key and what it takes."""
+    low, dash, high = text.partition("-")
+    try:
+        return [int(low), int(high)] if dash else int(text)
+    except ValueError:
+        return text
+
+
 def _overrides(args: argparse.Namespace, shortcuts: dict[str, str]) -> dict:
     """The config overrides of --smoke-test and of the shortcut flags given (not those of --set)."""
     from .config import merge, nest
@@ -207,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[run_flags], help="train (or resume) one run with Ray Train")
     p.add_argument("-c", "--config", type=Path, help="YAML overrides of the reference recipe (configs/*.yaml)")
     p.add_argument("--model", help="model name, e.g. resnet32 (overrides the config's model)")
-    p.add_argument("--num-workers", type=int, help="Ray Train workers; the global batch stays optim.batch_size")
+    p.add_argument("--num-workers", type=_worker_count, help="Ray Train workers, N or MIN-MAX for an elastic run "
+                                                             "(e.g. 1-4); the global batch stays optim.batch_size")
     p.add_argument("--download", action="store_true",
                    help="fetch CIFAR with torchvision's downloader if --data holds none (data.download)")
     p.add_argument("--name", help="run name; rerunning with the same name resumes (run.name)")

@@ -40,6 +40,10 @@ from .runlog import RunLog
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else every worker print() shows up twice
 RAY_SETTINGS = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PRINT_PATCH")
+# How gloo and NCCL collectives fail on the surviving ranks when another rank's process is gone, and how long a
+# survivor waits (seconds) before reporting that, so Ray sees the lost rank's own death first.
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
+PEER_LOST_WAIT_S = 30
 
 
 def load_dataset(cfg: Config) -> dict[str, np.ndarray]:
@@ -53,9 +57,9 @@ def load_dataset(cfg: Config) -> dict[str, np.ndarray]:
 
 
 def _check_split_fits(cfg: Config, num_train: int) -> None:
-    used = min(cfg.data.train_subset or num_train, num_train)
-    if used < cfg.run.num_workers:
-        raise ConfigError(f"{used} training images cannot be split across run.num_workers={cfg.run.num_workers} "
+    used, workers = min(cfg.data.train_subset or num_train, num_train), cfg.run.worker_range[1]
+    if used < workers:
+        raise ConfigError(f"{used} training images cannot be split across run.num_workers={cfg.run.workers_text} "
                           "workers: use fewer workers or more data")
 
 
@@ -139,6 +143,13 @@ def train_loop_per_worker(loop_config: dict) -> dict | None:
         return _train_worker(loop_config)
     except UserError as e:
         return {"error": str(e)}
+    except RuntimeError as e:
+        if any(sign in str(e) for sign in PEER_LOST):
+            # A peer vanished mid-collective (its node was lost). Let Ray report that death first: it says whether
+            # the node was preempted (the preemption budget) or failed (run.max_failures); this error would be
+            # charged to run.max_failures. Ray stops this worker as soon as it has seen the death.
+            time.sleep(PEER_LOST_WAIT_S)
+        raise
 
 
 def _train_worker(loop_config: dict) -> dict | None:
@@ -149,7 +160,7 @@ def _train_worker(loop_config: dict) -> dict | None:
     torch.set_num_threads(loop_config["threads"])
     _quiet_ray_train_logs()
     data = _worker_splits(cfg, ray.get(loop_config["data"]), device)  # [Ray 2] the dataset, zero-copy
-    training = build_training(cfg, device, steps_per_epoch(cfg, len(data.train_index), world),
+    training = build_training(cfg, device, steps_per_epoch(cfg, len(data.train_index), world), world,
                               wrap=ray.train.torch.prepare_model)  # [Ray 3] DDP
     progress = _restore(ray.train.get_checkpoint(), training, rank, loop_config["run_dir"])  # [Ray 4] resume
     log = RunLog(storage.join(loop_config["run_dir"], TB_DIR), cfg, progress.epoch) if rank == 0 else None
@@ -189,30 +200,48 @@ def plan_resources(cfg: Config) -> tuple[bool, dict[str, float], int]:
 
     Ray Train would otherwise wait forever for a worker group the cluster can never place.
     """
+    least, most = cfg.run.worker_range
     if cfg.run.autoscaling:  # the nodes come when the workers ask; Ray Train waits for them
         use_gpu = cfg.run.device != "cpu"
-        bundle = {"CPU": cfg.run.cpus_per_worker or 1, **({"GPU": 1} if use_gpu else {})}
+        bundle = {"CPU": cfg.run.cpus_per_worker or 1, **({"GPU": cfg.run.gpus_per_worker} if use_gpu else {})}
+        _check_gpu_sharing(cfg, use_gpu)
         return use_gpu, bundle, int(bundle["CPU"])
     total = ray.cluster_resources()
-    num_workers = cfg.run.num_workers
     use_gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and total.get("GPU", 0) > 0)
+    _check_gpu_sharing(cfg, use_gpu)
     if use_gpu:
         bundle = {"CPU": cfg.run.cpus_per_worker or 1, "GPU": cfg.run.gpus_per_worker}
     else:
-        bundle = {"CPU": cfg.run.cpus_per_worker or max(1, int(total.get("CPU", 1)) // num_workers)}
+        bundle = {"CPU": cfg.run.cpus_per_worker or max(1, int(total.get("CPU", 1)) // most)}
     places = worker_slots(bundle)
-    if places < num_workers:
+    if places < least:  # an elastic run starts once its minimum fits
         have = ", ".join(f"{k}={total.get(k, 0):g}" for k in bundle)
         nodes = sum(1 for node in ray.nodes() if node["Alive"])
-        raise RunError(f"{num_workers} worker(s) x {bundle} do not fit on this cluster ({have} over {nodes} "
+        raise RunError(f"{least} worker(s) x {bundle} do not fit on this cluster ({have} over {nodes} "
                        f"node(s); room for {places}): lower --num-workers or run.cpus_per_worker, or add nodes")
     return use_gpu, bundle, int(bundle["CPU"])
 
 
-def worker_slots(bundle: dict[str, float]) -> int:
-    """How many workers of `bundle` the cluster's live nodes can hold at once (a worker never spans nodes)."""
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    return sum(min(int(node.get(k, 0) // v) for k, v in bundle.items()) for node in nodes)
+def _check_gpu_sharing(cfg: Config, use_gpu: bool) -> None:
+    """Two ranks of one run on one GPU make NCCL fail ("Duplicate GPU detected"), after the workers started."""
+    if use_gpu and cfg.run.gpus_per_worker < 1 and cfg.run.worker_range[1] > 1:
+        raise ConfigError(f"run.gpus_per_worker={cfg.run.gpus_per_worker:g} with run.num_workers="
+                          f"{cfg.run.workers_text} could put two ranks of this run on one GPU, which NCCL refuses: "
+                          "use run.gpus_per_worker=1 for a multi-worker run (fractions pack one-worker sweep "
+                          "trials onto a GPU)")
+
+
+# Ray counts resources in fixed point, 1/10000 of a unit, so 0.1 GPU fits 10 times into 1 (as floats, 1.0 // 0.1
+# is 9.0).
+RESOURCE_UNITS = 10_000
+
+
+def worker_slots(bundle: dict[str, float], nodes: list[dict[str, float]] | None = None) -> int:
+    """How many workers of `bundle` the nodes (default: the cluster's live nodes, as resource dicts) can hold at
+    once (a worker never spans nodes)."""
+    nodes = nodes if nodes is not None else [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    return sum(min(round(node.get(k, 0) * RESOURCE_UNITS) // round(v * RESOURCE_UNITS) for k, v in bundle.items())
+               for node in nodes)
 
 
 def run_training(cfg: Config, address: str | None = None, callbacks: list | None = None,
@@ -242,12 +271,15 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
         train_loop_per_worker,
         train_loop_config={"config": config_lib.to_dict(cfg), "run_dir": directory, "data": ray.put(arrays),
                            "threads": threads, "hparams": hparams or {}, "worker_hooks": worker_hooks},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=bundle,
-                                               placement_strategy=cfg.run.placement_strategy),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.run.worker_range if cfg.run.elastic else cfg.run.num_workers,  # elastic: (min, max)
+            elastic_resize_monitor_interval_s=cfg.run.resize_interval_s, use_gpu=use_gpu,
+            resources_per_worker=bundle, placement_strategy=cfg.run.placement_strategy),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=cfg.run.storage, callbacks=callbacks,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            # A preempted node (drained by the cluster first, e.g. a reclaimed spot instance) has a budget of its
+            # own, unlimited here: only other failures (a crash, a node lost without notice) use max_failures.
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures, max_preemption_failures=-1),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
         ),
     )

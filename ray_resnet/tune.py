@@ -307,7 +307,7 @@ def _max_concurrent(sweep: Sweep) -> int:
         except RunError as e:
             raise SweepError(f"one trial cannot fit on this cluster: {e}; lower resources.workers_per_trial / "
                              "cpus_per_worker / gpus_per_worker in the sweep file, or add nodes") from None
-        fits.append(worker_slots(bundle) // cfg.run.num_workers)
+        fits.append(worker_slots(bundle) // cfg.run.worker_range[1])
     return min([*fits, sweep.max_concurrent_trials or math.inf])
 
 

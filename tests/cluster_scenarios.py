@@ -1,6 +1,6 @@
 """Runs inside its own process: a two-node `ray.cluster_utils.Cluster` and one training run on it.
 
-`python tests/cluster_scenarios.py {spread|remove_node} DATA_ROOT STORAGE` prints one JSON line (prefixed
+`python tests/cluster_scenarios.py {spread|remove_node|s3|elastic} DATA_ROOT STORAGE` prints one JSON line (prefixed
 `RESULT `); tests call it through `run_scenario`. A test process that already has a Ray session cannot also host
 a Cluster, hence the subprocess.
 """
@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import ray
+import ray.train
 from ray.cluster_utils import Cluster
 
 from ray_resnet import storage as storage_lib
@@ -22,18 +23,90 @@ from ray_resnet.checkpoint import load_checkpoint
 from ray_resnet.config import load_config
 from ray_resnet.data import load_cifar, take_subset
 from ray_resnet.engine import evaluate
+from ray_resnet.fit import Hooks
 from ray_resnet.models import build_model
 
+STEPS_PER_EPOCH = 4  # data.train_subset 256 / optim.batch_size 64
 OBJECT_STORE = 300 * 1024**2  # bytes per node; cluster_utils' default (150 MiB) makes ray.put spill to disk
 
 
-def _config(root: str, storage: str, name: str, epochs: int):
+def _config(root: str, storage: str, name: str, epochs: int, *sets: str):
     return load_config(None, [
         f"data.root={root}", f"run.storage={storage}", f"run.name={name}", f"schedule.epochs={epochs}",
         "data.train_subset=256", "data.test_subset=200", "optim.batch_size=64", "schedule.warmup_epochs=0", "schedule.milestones=[]",
         "optim.lr=0.05", "perf.eval_batch_size=200", "run.num_workers=2", "run.cpus_per_worker=1",
-        "run.placement_strategy=SPREAD", "run.max_failures=2",
+        "run.placement_strategy=SPREAD", "run.max_failures=2", *sets,
     ])
+
+
+# The elastic run: [1, 2] workers of 2 CPUs (one per node), a resize check every 5 s, and no restart allowed for
+# failures (max_failures 0): the node it loses is preempted (drained by the cluster first, as an autoscaler does
+# with a reclaimed spot node).
+ELASTIC = ["run.num_workers=[1,2]", "run.cpus_per_worker=2", "run.resize_interval_s=5", "run.max_failures=0",
+           "schedule.warmup_epochs=1"]
+ELASTIC_EPOCHS = 10  # a few seconds each: 1-2 before the node loss, several while it regrows (~15 s)
+
+
+class WorkerGroupLog(Hooks):
+    """Rank 0 appends `time world_size epoch` to a file at a worker group's first step: the run's resize
+    timeline (when training goes on, with how many workers, from which epoch)."""
+
+    def __init__(self, path: str):
+        context = ray.train.get_context()
+        self.path, self.world = path, context.get_world_size()
+        self.logged = context.get_world_rank() != 0
+
+    def step_end(self, step, images, loss, lr):
+        if not self.logged:
+            with open(self.path, "a") as f:
+                f.write(f"{time.time()} {self.world} {(step - 1) // STEPS_PER_EPOCH + 1}\n")
+            self.logged = True
+
+
+def _group_starts(path: str) -> list[tuple[float, int, int]]:
+    if not os.path.exists(path):
+        return []
+    return [(float(t), int(w), int(e)) for t, w, e in (line.split() for line in Path(path).read_text().splitlines())]
+
+
+def _preempt(cluster: Cluster, node) -> None:
+    """Drain `node` as the autoscaler does before a spot instance is reclaimed, then kill it as the cloud does (a
+    graceful stop would make the node's own SIGTERM handler report an expected termination instead)."""
+    from ray.core.generated import autoscaler_pb2
+
+    gcs = ray._raylet.GcsClient(address=cluster.address)
+    accepted, why = gcs.drain_node(node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                   "preempted by the test", int(time.time() * 1000) + 2000)
+    assert accepted, why
+    cluster.remove_node(node, allow_graceful=False)
+
+
+def _elastic(cluster: Cluster, worker, root: str, storage: str) -> dict:
+    """Lose the second node after epoch 1 is committed, run on with 1 worker, get a node back and grow to 2."""
+    from ray_resnet.train import run_training
+
+    # A worker group asked for more workers than the cluster still has gives up after this (seconds; Ray's default
+    # 60), and the next try asks for what fits.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "10"
+    groups = os.path.join(tempfile.mkdtemp(), "groups.txt")
+    cfg = _config(root, storage, "elastic", ELASTIC_EPOCHS, *ELASTIC)
+    box: dict = {}
+    fit = threading.Thread(target=lambda: box.update(
+        summary=_catch(run_training, cfg, None, None, None, lambda: [WorkerGroupLog(groups)])))
+    fit.start()
+    run_dir = storage_lib.join(storage, "elastic")
+    while fit.is_alive() and committed_epoch(run_dir) < 1:
+        time.sleep(0.2)
+    lost_at = time.time()
+    _preempt(cluster, worker)
+    while fit.is_alive() and not [w for t, w, _ in _group_starts(groups) if t > lost_at and w == 1]:
+        time.sleep(0.2)
+    added_at = time.time()
+    cluster.add_node(num_cpus=2, object_store_memory=OBJECT_STORE)
+    fit.join(timeout=400)
+    undisturbed = _catch(run_training, _config(root, storage, "undisturbed", ELASTIC_EPOCHS, *ELASTIC))
+    return {"summary": box.get("summary"), "undisturbed": undisturbed, "lost_at": lost_at, "added_at": added_at,
+            "groups": _group_starts(groups)}
 
 
 def committed_epoch(run_dir: Path | str) -> int:
@@ -80,6 +153,8 @@ def main(scenario: str, root: str, storage: str) -> dict:
         cluster.wait_for_nodes()
         node_ids = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         cfg = _config(root, storage, scenario, epochs=4 if scenario == "remove_node" else 2)
+        if scenario == "elastic":
+            return {**_elastic(cluster, worker, root, storage), "cluster_nodes": node_ids}
         if scenario != "remove_node":
             summary = run_training(cfg)
             out = {"summary": summary, "cluster_nodes": node_ids}

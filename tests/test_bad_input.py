@@ -119,6 +119,10 @@ def _set(*assignments: str):
 CASES = {
     # CLI flags and --set values: ranges
     "num-workers 0": (lambda w: _train(w, "--num-workers", "0"), "run.num_workers: 0 is out of range"),
+    "num-workers x": (lambda w: _train(w, "--num-workers", "x"), "run.num_workers: expected int | list of int, got 'x'"),
+    "elastic max < min": (lambda w: _train(w, "--num-workers", "4-2"), "an elastic run takes \\[min, max\\]"),
+    "elastic resize 0": (_set("run.num_workers=[1,2]", "run.resize_interval_s=0"), "resize_interval_s > 0"),
+    "batchnorm typo": (_set("batchnorm=sync"), "batchnorm: expected 'global' | 'per_worker'"),
     "checkpoint_every 0": (_set("run.checkpoint_every=0"), "run.checkpoint_every: 0 is out of range"),
     "keep_checkpoints 0": (_set("run.keep_checkpoints=0"), "keep_checkpoints >= 1"),
     "gpus_per_worker 0": (_set("run.gpus_per_worker=0"), "gpus_per_worker > 0"),

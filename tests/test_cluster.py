@@ -201,6 +201,27 @@ def test_autoscaling_clusters_skip_the_fit_check_and_ask_for_gpus():
                                              "run.cpus_per_worker=4"])) == (False, {"CPU": 4}, 4)
 
 
+def test_worker_slots_count_fractions_as_ray_does_and_two_ranks_never_share_a_gpu():
+    from ray_resnet.config import load_config
+    from ray_resnet.errors import ConfigError
+    from ray_resnet.train import plan_resources, worker_slots
+
+    assert 1.0 // 0.1 == 9.0  # float arithmetic; Ray's fixed-point resources place 10
+    assert worker_slots({"GPU": 0.1}, [{"GPU": 1.0}]) == 10
+    assert worker_slots({"CPU": 1, "GPU": 0.25}, [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}]) == 6
+    assert worker_slots({"GPU": 0.3}, [{"GPU": 1.0}]) == 3
+    with pytest.raises(ConfigError, match="run.gpus_per_worker=0.5 with run.num_workers=2 could put two ranks of "
+                                          "this run on one GPU, which NCCL refuses"):
+        plan_resources(load_config(None, ["run.num_workers=2", "run.autoscaling=true", "run.gpus_per_worker=0.5"]))
+    with pytest.raises(ConfigError, match="run.num_workers=\\[1, 2\\]"):  # elastic: up to 2 ranks
+        plan_resources(load_config(None, ["run.num_workers=[1,2]", "run.autoscaling=true", "run.gpus_per_worker=0.5"]))
+    # One worker per run on a quarter GPU (sweep trials), and fractions on CPU-only runs, are fine.
+    assert plan_resources(load_config(None, ["run.autoscaling=true", "run.gpus_per_worker=0.25"]))[1] == {
+        "CPU": 1, "GPU": 0.25}
+    assert plan_resources(load_config(None, ["run.num_workers=2", "run.autoscaling=true", "run.device=cpu",
+                                             "run.gpus_per_worker=0.5"]))[0] is False
+
+
 def test_the_runtime_env_shares_settings_and_endpoints_but_never_secrets(monkeypatch):
     from ray_resnet.train import shared_environment
 
