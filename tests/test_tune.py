@@ -156,9 +156,10 @@ def test_grid_sweep_interrupted_resumed_and_reported(real_cifar_small, tmp_path,
 
 @pytest.mark.usefixtures("ray_local")
 def test_asha_stops_a_bad_learning_rate_early(tmp_path):
-    # Colour-coded classes: after epoch 1 (32 steps of 32) lr 0.05 reaches 40-63 % test accuracy (seeds 0 and 3,
-    # AMD EPYC), while lr 1e-7 leaves the net at chance (10 %). Kernels that round differently on another CPU move
-    # these by a few points, not thirty: ASHA stops the bad trial at the epoch-1 rung on every machine.
+    # Colour-coded classes: after epoch 1 (32 steps of 32) lr 0.01 reaches 86 % test accuracy (Intel Xeon), while
+    # lr 1e-7 leaves the net at chance (10 %), so ASHA stops the bad trial at the epoch-1 rung. Not lr 0.05: its
+    # weights move so fast that the BatchNorm running statistics lag, and its epoch-1 test accuracy is anywhere
+    # from 10 % (Intel Xeon) to 63 % (AMD EPYC) with the same train accuracy: a tie with chance on some CPUs.
     write_parquet_cifar(tmp_path / "easy", *colour_coded_cifar(1024, seed=0), "train")
     write_parquet_cifar(tmp_path / "easy", *colour_coded_cifar(100, seed=1), "test")
     shipped = yaml.safe_load((CONFIGS / "sweep_lr_wd.yaml").read_text())
@@ -167,18 +168,18 @@ def test_asha_stops_a_bad_learning_rate_early(tmp_path):
         "config": {**TINY, "model": "resnet20", "schedule": {"epochs": 2, "warmup_epochs": 0, "milestones": []},
                    "optim": {"batch_size": 32}, "data": {"root": str(tmp_path / "easy")},
                    "perf": {"eval_batch_size": 100}},
-        "grid": {"optim.lr": [0.05, 1.0e-7]},  # one trial at a time, the good lr first
+        "grid": {"optim.lr": [0.01, 1.0e-7]},  # one trial at a time, the good lr first
         "scheduler": {"asha": {**shipped["scheduler"]["asha"], "grace_period": 1, "reduction_factor": 2}},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 1},
     })
     sweep = load_sweep(file, storage=str(tmp_path / "sweeps"))
     outcome = run_sweep(sweep)
     assert not outcome["errors"]
-    assert outcome["finished"] == 1 and (Path(sweep.dir) / "resnet20-s0-lr=0.05" / "result.json").is_file()
-    assert {"optim.lr", "model", "seed"} <= _hparam_names(Path(sweep.dir) / "resnet20-s0-lr=0.05")  # swept keys in HParams
+    assert outcome["finished"] == 1 and (Path(sweep.dir) / "resnet20-s0-lr=0.01" / "result.json").is_file()
+    assert {"optim.lr", "model", "seed"} <= _hparam_names(Path(sweep.dir) / "resnet20-s0-lr=0.01")  # swept keys in HParams
     _, runs = read_runs(sweep.dir)
     assert {r.name: (r.epoch, bool(r.finished)) for r in runs} == {
-        "resnet20-s0-lr=0.05": (2, True), "resnet20-s0-lr=1e-07": (1, False)}
+        "resnet20-s0-lr=0.01": (2, True), "resnet20-s0-lr=1e-07": (1, False)}
     good, bad = (r.curve[1]["test_acc"] for r in sorted(runs, key=lambda r: r.name))
     assert good - bad >= 15, (good, bad)
 
