@@ -290,7 +290,7 @@ def test_nan_loss_stops_at_once_naming_epoch_and_intact_checkpoint(real_cifar_sm
 def test_half_written_checkpoint_is_never_resumed_from_and_a_damaged_one_fails_clearly(real_cifar_small, tmp_path):
     run_dir = tmp_path / "half"
     run_training(_cfg(real_cifar_small, tmp_path, "half", "schedule.epochs=1"))
-    good = latest_checkpoint(run_dir)  # a glob for checkpoint_* would also match checkpoint_manager_snapshot.json
+    good = Path(latest_checkpoint(run_dir))  # a glob for checkpoint_* would also match checkpoint_manager_snapshot.json
     # A crash while saving epoch 2: Ray's dir is there (newest name) but its file is truncated, and our own
     # atomic save died before the rename (only checkpoint.pt.tmp); best/ was being rewritten too.
     half = run_dir / "checkpoint_2999-01-01_00-00-00.000000"
