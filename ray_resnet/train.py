@@ -213,12 +213,13 @@ def plan_resources(cfg: Config) -> tuple[bool, dict[str, float], int]:
         bundle = {"CPU": cfg.run.cpus_per_worker or 1, "GPU": cfg.run.gpus_per_worker}
     else:
         bundle = {"CPU": cfg.run.cpus_per_worker or max(1, int(total.get("CPU", 1)) // most)}
-    places = worker_slots(bundle)
+    places = worker_slots(bundle, placement=cfg.run.placement_strategy)
     if places < least:  # an elastic run starts once its minimum fits
         have = ", ".join(f"{k}={total.get(k, 0):g}" for k in bundle)
         nodes = sum(1 for node in ray.nodes() if node["Alive"])
-        raise RunError(f"{least} worker(s) x {bundle} do not fit on this cluster ({have} over {nodes} "
-                       f"node(s); room for {places}): lower --num-workers or run.cpus_per_worker, or add nodes")
+        raise RunError(f"{least} worker(s) x {bundle} do not fit on this cluster ({have} over {nodes} node(s), "
+                       f"{cfg.run.placement_strategy}; room for {places}): lower --num-workers or "
+                       "run.cpus_per_worker, or add nodes")
     return use_gpu, bundle, int(bundle["CPU"])
 
 
@@ -236,12 +237,19 @@ def _check_gpu_sharing(cfg: Config, use_gpu: bool) -> None:
 RESOURCE_UNITS = 10_000
 
 
-def worker_slots(bundle: dict[str, float], nodes: list[dict[str, float]] | None = None) -> int:
+def worker_slots(bundle: dict[str, float], nodes: list[dict[str, float]] | None = None,
+                 placement: str = "PACK") -> int:
     """How many workers of `bundle` the nodes (default: the cluster's live nodes, as resource dicts) can hold at
-    once (a worker never spans nodes)."""
+    once under a placement strategy (a worker never spans nodes; STRICT_SPREAD: one per node, STRICT_PACK: all on
+    one node)."""
     nodes = nodes if nodes is not None else [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    return sum(min(round(node.get(k, 0) * RESOURCE_UNITS) // round(v * RESOURCE_UNITS) for k, v in bundle.items())
-               for node in nodes)
+    per_node = [min(round(node.get(k, 0) * RESOURCE_UNITS) // round(v * RESOURCE_UNITS) for k, v in bundle.items())
+                for node in nodes]
+    if placement == "STRICT_SPREAD":
+        return sum(1 for slots in per_node if slots)
+    if placement == "STRICT_PACK":
+        return max(per_node, default=0)
+    return sum(per_node)
 
 
 def run_training(cfg: Config, address: str | None = None, callbacks: list | None = None,

@@ -210,6 +210,9 @@ def test_worker_slots_count_fractions_as_ray_does_and_two_ranks_never_share_a_gp
     assert worker_slots({"GPU": 0.1}, [{"GPU": 1.0}]) == 10
     assert worker_slots({"CPU": 1, "GPU": 0.25}, [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}]) == 6
     assert worker_slots({"GPU": 0.3}, [{"GPU": 1.0}]) == 3
+    nodes = [{"CPU": 8.0}, {"CPU": 2.0}, {"CPU": 0.0}]
+    assert [worker_slots({"CPU": 2}, nodes, placement) for placement in ("PACK", "SPREAD", "STRICT_SPREAD",
+                                                                         "STRICT_PACK")] == [5, 5, 2, 4]
     with pytest.raises(ConfigError, match="run.gpus_per_worker=0.5 with run.num_workers=2 could put two ranks of "
                                           "this run on one GPU, which NCCL refuses"):
         plan_resources(load_config(None, ["run.num_workers=2", "run.autoscaling=true", "run.gpus_per_worker=0.5"]))
