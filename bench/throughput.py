@@ -90,7 +90,7 @@ def steady_images_per_s(stamps: list[float], images_per_step: list[int], warmup:
 def bench_config(args: argparse.Namespace, **run) -> Config:
     """The recipe for one epoch of exactly warmup + steps global batches, evaluated on eval_images test images
     (subsets of the whole dataset, which is loaded and shared as in a real run)."""
-    return replace(Config(model=args.model), data={"root": args.data, "train_subset": (args.warmup + args.steps) * BATCH,
+    return replace(Config(model=args.model, batchnorm=args.batchnorm), data={"root": args.data, "train_subset": (args.warmup + args.steps) * BATCH,
                                                    "test_subset": args.eval_images},
                    schedule={"epochs": 1, "warmup_epochs": 1, "milestones": []}, run=run)
 
@@ -262,7 +262,8 @@ def run_child(path: str, args: argparse.Namespace) -> dict:
     """One measurement in a fresh interpreter; returns its result dict."""
     command = [sys.executable, "-m", "bench.throughput", "--child", path, "--model", args.model,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--data", args.data,
-               "--eval-images", str(args.eval_images), "--loader-workers", str(args.loader_workers)]
+               "--eval-images", str(args.eval_images), "--loader-workers", str(args.loader_workers),
+               "--batchnorm", args.batchnorm]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     for line in done.stdout.splitlines():
@@ -370,7 +371,8 @@ def render(args: argparse.Namespace, host: dict, runs: dict[str, list[dict]], wa
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of a measurement (bench.scaling reuses them)."""
     parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--steps", type=int, default=50, help="timed training steps per run (after the warm-up)")
@@ -379,8 +381,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-images", type=int, default=2000)
     parser.add_argument("--loader-workers", type=int, default=2, help="DataLoader processes of path a")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "cifar10"))
+    parser.add_argument("--batchnorm", default="global", choices=["global", "per_worker"],
+                        help="what BatchNorm normalises over with 2 workers (bench.scaling compares the two)")
     parser.add_argument("--output", type=Path, default=REPO / "bench" / "RESULTS.md")
     parser.add_argument("--child", choices=list(PATHS), help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must be at least 1")
