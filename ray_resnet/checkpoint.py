@@ -52,7 +52,7 @@ def training_state(core: nn.Module, optimizer: torch.optim.Optimizer, scheduler:
 def restore_training_state(state: dict, core: nn.Module, optimizer: torch.optim.Optimizer,
                            scheduler: torch.optim.lr_scheduler.LRScheduler) -> Progress:
     """Load `state` (from training_state) into the model, optimizer and schedule; returns where the run was."""
-    core.load_state_dict(state["model"])
+    core.load_state_dict(model_weights(state))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
@@ -85,6 +85,11 @@ def sync_best(state: dict | None, best_dir: str) -> None:
 
 def is_checkpoint(obj: object) -> bool:
     return isinstance(obj, dict) and "model" in obj and "config" in obj
+
+
+def model_weights(state: dict) -> dict[str, torch.Tensor]:
+    """The model's state dict in a checkpoint."""
+    return state["model"]
 
 
 def describe(state: dict) -> dict:

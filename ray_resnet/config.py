@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import operator
 import os
 import types
@@ -36,7 +37,7 @@ class Allowed:
 
     def admits(self, value: float) -> bool:
         left, _, right = self.text.partition("x")
-        ok = True
+        ok = math.isfinite(value)  # inf passes "x > 0" but breaks every step; nan compares false anyway
         if left.strip():
             bound, op = left.split()
             ok = ok and _COMPARE[op](float(bound), value)

@@ -322,10 +322,13 @@ def _check_resume(sweep: Sweep, resume: bool) -> None:
         raise SweepError(f"nothing to resume: {saved} not found; start the sweep without --resume")
     old = yaml.safe_load(storage.read_text(saved))
     new = _yaml_round_trip(sweep.as_dict())
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    # What the trials compute must stay; where and how they run (data.root, resources, ...) may change.
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+               if k not in ("config", "storage", "resources") and old.get(k) != new.get(k)]
+    changed += config_lib.recipe_changes(old.get("config") or {}, new["config"])
     if changed:
-        raise SweepError(f"the sweep in {sweep.dir} was started with other settings ({', '.join(changed)} "
-                         f"differ from {saved}): resume with the same file and options, or pass a new --name")
+        raise SweepError(f"the sweep in {sweep.dir} was started with another recipe ({'; '.join(changed[:4])}): "
+                         "resume with the same sweep file and --set values, or pass a new --name")
 
 
 def _yaml_round_trip(d: dict) -> dict:

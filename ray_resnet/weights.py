@@ -17,7 +17,7 @@ from torch import nn
 
 from . import storage
 from .checkpoint import describe as describe_checkpoint
-from .checkpoint import is_checkpoint, resolve_checkpoint
+from .checkpoint import is_checkpoint, model_weights, resolve_checkpoint
 from .constants import NUM_CLASSES
 from .errors import WeightsError
 from .models import build_model, parse_model_name
@@ -58,7 +58,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     info: dict = {"file": path}
     if is_checkpoint(obj):
         info.update(format="ray-resnet checkpoint", **describe_checkpoint(obj))
-        obj = obj["model"]
+        obj = model_weights(obj)
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         info["format"] = "{'state_dict': ...} wrapper"
         obj = obj["state_dict"]

@@ -131,6 +131,7 @@ CASES = {
     "warmup -1": (_set("schedule.warmup_epochs=-1"), "warmup_epochs >= 0"),
     "batch 0": (_set("optim.batch_size=0"), "batch_size >= 1"),
     "lr 0": (_set("optim.lr=0"), "lr > 0"),
+    "lr inf": (_set("optim.lr=.inf"), "optim.lr: inf is out of range: it must satisfy lr > 0"),
     "momentum 1": (_set("optim.momentum=1"), "0 <= momentum < 1"),
     "weight_decay -1": (_set("optim.weight_decay=-1e-4"), "weight_decay >= 0"),
     "label_smoothing 1": (_set("optim.label_smoothing=1"), "0 <= label_smoothing < 1"),

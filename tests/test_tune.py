@@ -263,6 +263,28 @@ def test_trial_names_tell_close_grid_values_apart(tmp_path):
     assert names == ["resnet20-s0-lr=0.1234", "resnet20-s0-lr=0.1235"]
 
 
+def test_resume_takes_a_moved_dataset_and_other_resources_but_not_another_recipe(tmp_path):
+    from ray_resnet import storage
+    from ray_resnet.constants import SWEEP_FILE
+    from ray_resnet.tune import _check_resume
+
+    file = _write(tmp_path / "s.yaml", {"config": {**TINY, "data": {"root": str(tmp_path / "a")}},
+                                        "grid": {"seed": [0, 1]}, "resources": {"cpus_per_worker": 1}})
+    started = load_sweep(file, storage=str(tmp_path / "sweeps"))
+    storage.write_text(storage.join(started.dir, SWEEP_FILE), yaml.safe_dump(started.as_dict(), sort_keys=False))
+    moved = load_sweep(_write(tmp_path / "moved.yaml", {**yaml.safe_load(file.read_text()),
+                                                         "resources": {"cpus_per_worker": 2}}),
+                       extra={"data": {"root": str(tmp_path / "b")}}, name="s", storage=str(tmp_path / "sweeps"))
+    _check_resume(moved, resume=True)  # data.root and run.cpus_per_worker may change
+    other = load_sweep(file, ["optim.lr=0.2"], storage=str(tmp_path / "sweeps"))
+    with pytest.raises(SweepError, match="another recipe \\(optim.lr: None -> 0.2\\)"):
+        _check_resume(other, resume=True)
+    regridded = load_sweep(_write(tmp_path / "s.yaml", {**yaml.safe_load(file.read_text()), "grid": {"seed": [0]}}),
+                           storage=str(tmp_path / "sweeps"))
+    with pytest.raises(SweepError, match="another recipe \\(grid: "):
+        _check_resume(regridded, resume=True)
+
+
 @pytest.mark.usefixtures("ray_local")
 def test_autoscaling_sweeps_name_their_concurrency(tmp_path):
     file = _write(tmp_path / "auto.yaml", {"config": {"run": {"autoscaling": True}}, "grid": {"seed": [0, 1]}})
