@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| batchnorm | train img/s | per repeat |",
         "|---|---:|---|",
-        *(f"| {mode} | {rate[mode]:,.0f} | {', '.join(f'{r['train_images_per_s']:,.0f}' for r in rs)} |"
+        *(f"| {mode} | {rate[mode]:,.0f} | " + ", ".join(f"{r['train_images_per_s']:,.0f}" for r in rs) + " |"
           for mode, rs in runs.items()),
         "",
         f"global / per_worker = **{bn_ratio:.2f}** (median of the per-repeat ratios). On CPU the global statistics "
