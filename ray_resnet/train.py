@@ -56,7 +56,7 @@ def load_dataset(cfg: Config) -> dict[str, np.ndarray]:
     return out
 
 
-def _check_split_fits(cfg: Config, num_train: int) -> None:
+def check_split_fits(cfg: Config, num_train: int) -> None:
     used, workers = min(cfg.data.train_subset or num_train, num_train), cfg.run.worker_range[1]
     if used < workers:
         raise ConfigError(f"{used} training images cannot be split across run.num_workers={cfg.run.workers_text} "
@@ -270,7 +270,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     if resume_epoch:
         print(f"resuming run {cfg.run.name} from its epoch-{resume_epoch} checkpoint ({directory})", flush=True)
     arrays = load_dataset(cfg)  # bad data paths fail here, before any Ray process starts
-    _check_split_fits(cfg, len(arrays["train_labels"]))
+    check_split_fits(cfg, len(arrays["train_labels"]))
     connect(address)
     use_gpu, bundle, threads = plan_resources(cfg)
     write_config(cfg)

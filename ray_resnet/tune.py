@@ -340,16 +340,20 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
     storage.check_writable(sweep.storage)  # a bad bucket, endpoint or credentials: one line, before anything runs
     _check_resume(sweep, resume)
     from .data import load_cifar
+    from .train import check_split_fits, connect
 
-    for key in {(c.data.root, c.data.dataset, c.data.download, c.data.cache_dir) for c in grid_configs(sweep)}:
-        for split in ("train", "test"):  # bad data paths fail here, once, and the cache is warm for the trials
-            load_cifar(*key[:1], split, *key[1:])
+    configs = grid_configs(sweep)
+    for key in {(c.data.root, c.data.dataset, c.data.download, c.data.cache_dir) for c in configs}:
+        # bad data paths fail here, once, and the cache is warm for the trials
+        num_train = len(load_cifar(key[0], "train", *key[1:])[1])
+        load_cifar(key[0], "test", *key[1:])
+        for cfg in configs:  # a dataset too small for a trial's workers: here, not in every trial
+            if (cfg.data.root, cfg.data.dataset) == key[:2]:
+                check_split_fits(cfg, num_train)
 
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
-
-    from .train import connect
 
     connect(address)
     max_concurrent = _max_concurrent(sweep)

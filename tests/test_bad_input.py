@@ -91,7 +91,9 @@ def world(tmp_path_factory, cache_dir) -> World:
               "search-momentum": {"search": {"optim.momentum": {"uniform": [0.5, 1.5]}}},
               "grid-rule": {"config": {"schedule": {"warmup_epochs": 0}}, "grid": {"schedule.epochs": [50, 200]}},
               "top-key": {"gird": {"seed": [0]}},
-              "workers": {"resources": {"workers_per_trial": 0}}}
+              "workers": {"resources": {"workers_per_trial": 0}},
+              "small-data": {"config": {"data": {"root": str(root)}}, "grid": {"seed": [0]},
+                             "resources": {"workers_per_trial": 50, "cpus_per_worker": 1}}}
     for name, sweep in sweeps.items():
         (files / f"sweep-{name}.yaml").write_text(yaml.safe_dump(sweep))
 
@@ -171,6 +173,9 @@ CASES = {
                         "schedule.milestones=\\[100, 150\\] lie beyond schedule.epochs=50"),
     "sweep top key": (lambda w: ["sweep", "-c", str(w.files / "sweep-top-key.yaml")], "unknown key 'gird'"),
     "sweep workers 0": (lambda w: ["sweep", "-c", str(w.files / "sweep-workers.yaml")], "num_workers: 0 is out"),
+    "sweep data < workers": (lambda w: ["sweep", "-c", str(w.files / "sweep-small-data.yaml"), "--storage",
+                                        str(w.files / "sweeps")],
+                             "40 training images cannot be split across run.num_workers=50 workers"),
     # data dirs
     "data missing": (lambda w: _train(w, "--data", str(w.files / "empty")), "split not found under"),
     "data no rows": (lambda w: _train(w, "--data", str(w.files / "no-rows")), "hold no images"),
