@@ -137,7 +137,8 @@ def test_a_two_worker_run_lives_in_the_bucket_and_every_command_reads_it(s3_env,
     result = storage.read_json(f"{run}/result.json")
     assert result["status"] == "finished" and result["checkpoint"].startswith(f"{run}/checkpoint_")
     assert sorted(read_curve(f"{run}/tb")) == [1, 2]
-    print("\n[s3] bucket listing of a 2-worker run:\n  " + "\n  ".join(keys))
+    with capsys.disabled():  # shown with -s
+        print("\n[s3] bucket listing of a 2-worker run:\n  " + "\n  ".join(keys))
 
     # The rerun of a finished run says so, reading everything from the bucket; another recipe is refused.
     assert "is already finished" in ray_resnet(s3_env, tmp_path, "train", "--data", str(real_cifar_small),
