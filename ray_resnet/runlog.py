@@ -73,7 +73,8 @@ class RunLog(Hooks):
         depth, shortcut = parse_model_name(cfg.model)
         hp = {"model": cfg.model, "depth": depth, "shortcut": str(shortcut), "params": params, "seed": cfg.seed,
               "dataset": cfg.data.dataset, "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay,
-              "batch_size": cfg.optim.batch_size, "epochs": cfg.schedule.epochs, "num_workers": str(cfg.run.num_workers),
+              "batch_size": cfg.optim.batch_size, "epochs": cfg.schedule.epochs, "num_workers":
+              cfg.run.workers_text if cfg.run.elastic else cfg.run.num_workers,
               "batchnorm": cfg.batchnorm, **extra}
         results = {"hparam/final_test_acc": metrics["test_acc"], "hparam/best_test_acc": metrics["best_test_acc"]}
         for summary in hparams(hp, results):
