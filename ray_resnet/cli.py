@@ -109,8 +109,7 @@ def _eval(args: argparse.Namespace) -> int:
     perf = trained_with.get("perf", {})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device, memory_format=torch.channels_last)
-    metrics = evaluate(model, images, labels, batch_size=perf.get("eval_batch_size", 500),
-                       amp=perf.get("amp", "auto"))
+    metrics = evaluate(model, images, labels, batch_size=perf.get("eval_batch_size", 500))
     source = {"checkpoint": str(args.checkpoint)} if args.checkpoint else {"weights": str(args.weights)}
     out = {**source, "format": info["format"], "model": info["model"], "dataset": info["dataset"],
            "epoch": info.get("epoch"), "kind": info.get("kind"), "file": info["file"], **metrics}

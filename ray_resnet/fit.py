@@ -129,7 +129,8 @@ def run_epoch(cfg: Config, training: Training, data: Splits, epoch: int, rank: i
         for buffer in training.core.buffers():
             dist.broadcast(buffer, 0)
     test = evaluate(training.core, data.test_images, data.test_labels,
-                    data.test_index[eval_shard(len(data.test_index), world, rank)], batch_size=cfg.perf.eval_batch_size, channels_last=cfg.perf.channels_last, amp=cfg.perf.amp)
+                    data.test_index[eval_shard(len(data.test_index), world, rank)],
+                    batch_size=cfg.perf.eval_batch_size, channels_last=cfg.perf.channels_last)
     return {"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train["acc"], "test_loss": test["loss"],
             "test_acc": test["acc"], "lr": train["lr"], "train_images_per_s": train["images_per_s"],
             "test_images_per_s": test["images_per_s"], "epoch_time_s": time.perf_counter() - start}

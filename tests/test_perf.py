@@ -8,7 +8,8 @@ import torch
 
 from ray_resnet.config import OptimConfig, ScheduleConfig
 from ray_resnet.data import augment, epoch_batches
-from ray_resnet.engine import compile_model, make_optimizer, make_scheduler, train_one_epoch
+from ray_resnet.engine import (autocast, compile_model, make_optimizer, make_scheduler, train_one_epoch,
+                               training_precision)
 from ray_resnet.models import build_model
 
 NO_WARMUP = ScheduleConfig(warmup_epochs=0)
@@ -44,6 +45,17 @@ def test_bf16_autocast_step_matches_the_fp32_step():
     assert update16.norm().item() == pytest.approx(update32.norm().item(), rel=2e-2)
 
 
+@pytest.mark.parametrize("capabilities, auto", [({"amx_bf16": True, "avx512_bf16": True}, "bf16"),
+                                                ({"amx_bf16": False, "avx512_bf16": True}, "fp32"), ({}, "fp32")])
+def test_auto_precision_is_bf16_only_on_cpus_with_bf16_matrix_units(monkeypatch, capabilities, auto):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    cpu = torch.device("cpu")
+    assert training_precision(cpu, "auto") == auto
+    assert (training_precision(cpu, "fp32"), training_precision(cpu, "bf16")) == ("fp32", "bf16")
+    with autocast(cpu, "auto"):
+        assert torch.is_autocast_enabled("cpu") == (auto == "bf16")
+
+
 def test_compile_switch():
     model = build_model("resnet20")
     assert compile_model(model, torch.device("cpu"), "off") is model
@@ -55,8 +67,8 @@ def test_compile_switch():
 def test_compiled_step_matches_the_eager_step():
     # resnet8 (one block per stage): compiling forward + backward of resnet20 takes minutes on 2 CPU cores.
     images, labels = _tiny_data(16)
-    _, eager, _ = _one_step("resnet8", images, labels)
-    _, compiled, _ = _one_step("resnet8", images, labels, compile="on")
+    _, eager, _ = _one_step("resnet8", images, labels, amp="fp32")
+    _, compiled, _ = _one_step("resnet8", images, labels, compile="on", amp="fp32")
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
