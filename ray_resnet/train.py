@@ -253,12 +253,14 @@ def worker_slots(bundle: dict[str, float], nodes: list[dict[str, float]] | None 
 
 
 def run_training(cfg: Config, address: str | None = None, callbacks: list | None = None,
-                 hparams: dict | None = None, worker_hooks: Callable[[], list[Hooks]] | None = None) -> dict:
+                 hparams: dict | None = None, worker_hooks: Callable[[], list[Hooks]] | None = None,
+                 dataset: ray.ObjectRef | None = None) -> dict:
     """Train (or resume) the run `cfg.run.name`; returns the summary also written to result.json.
 
     `callbacks`: Ray Train user callbacks (a sweep trial forwards reports to Tune); `hparams`: extra entries of the
     TensorBoard HParams record (a sweep trial's swept keys); `worker_hooks`: makes more `fit` hooks on each worker
-    (bench/ times steps with them).
+    (bench/ times steps with them); `dataset`: load_dataset's arrays already in the object store (a sweep puts them
+    once for all its trials, and has checked that they fit every trial); default: loaded and put here.
     """
     cfg = resolve_run(cfg)
     directory = run_dir(cfg)
@@ -269,15 +271,19 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     resume_epoch = check_resumable(directory)
     if resume_epoch:
         print(f"resuming run {cfg.run.name} from its epoch-{resume_epoch} checkpoint ({directory})", flush=True)
-    arrays = load_dataset(cfg)  # bad data paths fail here, before any Ray process starts
-    check_split_fits(cfg, len(arrays["train_labels"]))
+    if dataset is None:
+        arrays = load_dataset(cfg)  # bad data paths fail here, before any Ray process starts
+        check_split_fits(cfg, len(arrays["train_labels"]))
     connect(address)
     use_gpu, bundle, threads = plan_resources(cfg)
     write_config(cfg)
+    if dataset is None:
+        dataset = ray.put(arrays)
+        del arrays  # the object store's copy is the node's one copy: the driver's own would sit idle all run
     start = time.perf_counter()
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config_lib.to_dict(cfg), "run_dir": directory, "data": ray.put(arrays),
+        train_loop_config={"config": config_lib.to_dict(cfg), "run_dir": directory, "data": dataset,
                            "threads": threads, "hparams": hparams or {}, "worker_hooks": worker_hooks},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.worker_range if cfg.run.elastic else cfg.run.num_workers,  # elastic: (min, max)

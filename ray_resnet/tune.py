@@ -262,8 +262,14 @@ class TrialDirname:
         return trial_name(self.sweep, _flat_values(self.sweep, trial.config), trial.trial_id)
 
 
-def run_trial(trial_space: dict, sweep: Sweep) -> None:
-    """One Tune trial: a full `ray-resnet train` run whose per-epoch reports also go to Tune."""
+def dataset_key(cfg: Config) -> tuple[str, str]:
+    """What tells a sweep's datasets apart: trials with the same key share one copy in the object store."""
+    return cfg.data.root, cfg.data.dataset
+
+
+def run_trial(trial_space: dict, sweep: Sweep, datasets: dict) -> None:
+    """One Tune trial: a full `ray-resnet train` run whose per-epoch reports also go to Tune. `datasets`: the
+    sweep's datasets in the object store, by dataset_key."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -274,7 +280,7 @@ def run_trial(trial_space: dict, sweep: Sweep) -> None:
     cfg = config_lib.replace(trial_config(sweep, values), run={"name": name, "storage": sweep.dir})
     hparams = {k: v if isinstance(v, (str, bool, int, float)) else str(v) for k, v in values.items()}
     try:
-        run_training(cfg, callbacks=[TuneReportCallback()], hparams=hparams)
+        run_training(cfg, callbacks=[TuneReportCallback()], hparams=hparams, dataset=datasets[dataset_key(cfg)])
     except DivergedError:  # recorded in its result.json; a trial Tune counts as errored would rerun on --resume
         pass
 
@@ -339,23 +345,25 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
     """Run (or continue) the sweep; returns counts of finished/unfinished/errored trials."""
     storage.check_writable(sweep.storage)  # a bad bucket, endpoint or credentials: one line, before anything runs
     _check_resume(sweep, resume)
-    from .data import load_cifar
-    from .train import check_split_fits, connect
-
-    configs = grid_configs(sweep)
-    for key in {(c.data.root, c.data.dataset, c.data.download, c.data.cache_dir) for c in configs}:
-        # bad data paths fail here, once, and the cache is warm for the trials
-        num_train = len(load_cifar(key[0], "train", *key[1:])[1])
-        load_cifar(key[0], "test", *key[1:])
-        for cfg in configs:  # a dataset too small for a trial's workers: here, not in every trial
-            if (cfg.data.root, cfg.data.dataset) == key[:2]:
-                check_split_fits(cfg, num_train)
-
+    import ray
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
 
+    from .train import check_split_fits, connect, load_dataset
+
+    configs = grid_configs(sweep)
+    arrays = {}
+    for cfg in configs:  # bad data paths fail here, once, before any Ray process starts
+        key = dataset_key(cfg)
+        if key not in arrays:
+            arrays[key] = load_dataset(cfg)
+        check_split_fits(cfg, len(arrays[key]["train_labels"]))  # here, not in every trial
+
     connect(address)
+    # One copy per dataset in the object store, which every trial's workers read (one copy per node they run on);
+    # the driver keeps none of its own.
+    datasets = {key: ray.put(arrays.pop(key)) for key in list(arrays)}
     max_concurrent = _max_concurrent(sweep)
     # Tune's own JSON and TensorBoard loggers would write a result.json and a second TensorBoard run into the
     # trial dir, which is also the Train run dir: keep only its progress.csv.
@@ -365,7 +373,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # The trial function only waits on its TorchTrainer: a 1-byte memory bundle instead of Tune's default 1 CPU,
     # which on a small cluster would hold the CPUs the trial's own workers need (a deadlock).
-    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"memory": 1})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, datasets=datasets), {"memory": 1})
     if resume:
         tuner = tune.Tuner.restore(sweep.dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:

@@ -15,7 +15,8 @@ from fixtures import colour_coded_cifar, own_lines, write_parquet_cifar
 from ray_resnet import cli
 from ray_resnet.report import read_runs
 from ray_resnet.errors import SweepError
-from ray_resnet.tune import _max_concurrent, load_sweep, run_sweep, trial_count, trial_name
+from ray_resnet.train import load_dataset
+from ray_resnet.tune import _max_concurrent, grid_configs, load_sweep, run_sweep, trial_count, trial_name
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 # Tiny trials: 1 CPU each so two run at once on the 2-CPU test cluster.
@@ -39,6 +40,15 @@ def _hparam_names(run_dir):
         for content in acc.PluginTagToContent("hparams").values():
             names |= set(plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams)
     return names
+
+
+def _object_store_bytes_created() -> int:
+    """Bytes ever created in the local Ray's object stores (Ray's own count, as `ray memory --stats-only` reads)."""
+    import ray
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address))
+    return reply.store_stats.cumulative_created_bytes
 
 
 def test_shipped_sweep_files_are_valid():
@@ -113,7 +123,7 @@ def test_grid_sweep_interrupted_resumed_and_reported(real_cifar_small, tmp_path,
             time.sleep(0.2)
         os.kill(os.getpid(), signal.SIGUSR1)
 
-    start = time.perf_counter()
+    start, created = time.perf_counter(), _object_store_bytes_created()
     threading.Thread(target=interrupt_after_first_trial, daemon=True).start()
     assert cli.main(args) == 0
     first_wall = time.perf_counter() - start
@@ -129,6 +139,10 @@ def test_grid_sweep_interrupted_resumed_and_reported(real_cifar_small, tmp_path,
     assert cli.main([*args, "--resume"]) == 0
     resume_wall = time.perf_counter() - start
     assert "sweep grid: 4/4 trials finished, 0 diverged (loss NaN/inf), 0 failed" in capsys.readouterr().out
+    # The sweep and its resumption each put the dataset into the object store once, for all their trials (a put per
+    # trial would be 4 or more); what else goes there is small.
+    dataset_bytes = sum(a.nbytes for a in load_dataset(grid_configs(load_sweep(file))[0]).values())
+    assert 2 * dataset_bytes <= _object_store_bytes_created() - created < 3 * dataset_bytes
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == [
         "plain20-s0", "plain20-s1", "resnet20-s0", "resnet20-s1"]
     for name, (mtime, text) in finished.items():  # finished trials were not run again
