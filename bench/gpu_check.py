@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from bench.precision import PRECISIONS, _setup
-from bench.throughput import REPO, StepStamps, machine
+from bench.precision import PRECISIONS
+from bench.throughput import REPO, StepStamps, engine_setup, machine
 from ray_resnet.config import Config, replace
 
 MODES = {"eager": {"compile": "off"}, "compiled": {"compile": "on"},
@@ -43,7 +43,7 @@ def measure_training(args: argparse.Namespace, model: str, precision: str, mode:
                   schedule={"epochs": 1, "warmup_epochs": 1, "milestones": []},
                   perf={"amp": precision, **MODES[mode]})
     start = time.time()
-    data, training = _setup(cfg, device)
+    data, training = engine_setup(cfg, device)
     stamps = StepStamps(device, args.warmup + args.steps, args.warmup)
     fit(cfg, training, data, hooks=[stamps])
     return {"images_per_s": stamps.steady_images_per_s(), "first_step_s": stamps.stamps[0] - start}

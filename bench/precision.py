@@ -27,24 +27,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.throughput import REPO, RESULT_TAG, StepStamps, bench_config, machine
+from bench.throughput import REPO, RESULT_TAG, StepStamps, bench_config, engine_setup, machine
 from ray_resnet.config import Config, replace
 
 PRECISIONS = ("fp32", "bf16")
 CEILING_GOAL = 0.9  # engine / model only: the data path may cost at most 10 % of the step rate
 PRECOMPUTED_BATCHES = 8  # model-only steps cycle through this many augmented batches
-
-
-def _setup(cfg: Config, device: torch.device):
-    from ray_resnet.data import load_cifar
-    from ray_resnet.fit import build_training, select_splits, steps_per_epoch
-
-    arrays = {}
-    for split in ("train", "test"):
-        images, labels = load_cifar(cfg.data.root, split)
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images.to(device), labels.to(device)
-    data = select_splits(cfg, arrays)
-    return data, build_training(cfg, device, steps_per_epoch(cfg, len(data.train_index), 1))
 
 
 def engine_images_per_s(cfg: Config, training, data, device: torch.device, warmup: int, steps: int) -> float:
@@ -102,7 +90,7 @@ def measure(args: argparse.Namespace, model: str, precision: str) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = replace(bench_config(argparse.Namespace(**{**vars(args), "model": model, "batchnorm": "global"})),
                   perf={"amp": precision})
-    data, training = _setup(cfg, device)
+    data, training = engine_setup(cfg, device)
     return {"engine": engine_images_per_s(cfg, training, data, device, args.warmup, args.steps),
             "model_only": model_only_images_per_s(cfg, training, data, device, args.warmup, args.steps),
             "eval": eval_images_per_s(cfg, training, data, precision)}

@@ -176,19 +176,26 @@ def run_plain(args: argparse.Namespace) -> dict:
 # ------------------------------------------------------------------------------------- b: the engine
 
 
-def run_engine(args: argparse.Namespace) -> dict:
+def engine_setup(cfg: Config, device: torch.device):
+    """(Splits, Training) of `cfg` on `device` without Ray, the dataset on the device as a worker holds it."""
     from ray_resnet.data import load_cifar
-    from ray_resnet.fit import build_training, fit, select_splits, steps_per_epoch
+    from ray_resnet.fit import build_training, select_splits, steps_per_epoch
+
+    arrays = {}
+    for split in ("train", "test"):
+        images, labels = load_cifar(cfg.data.root, split)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images.to(device), labels.to(device)
+    data = select_splits(cfg, arrays)
+    return data, build_training(cfg, device, steps_per_epoch(cfg, len(data.train_index), 1))
+
+
+def run_engine(args: argparse.Namespace) -> dict:
+    from ray_resnet.fit import fit
 
     cfg = bench_config(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.time()
-    arrays = {}
-    for split in ("train", "test"):
-        images, labels = load_cifar(args.data, split)
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images.to(device), labels.to(device)  # as a worker
-    data = select_splits(cfg, arrays)
-    training = build_training(cfg, device, steps_per_epoch(cfg, len(data.train_index), 1))
+    data, training = engine_setup(cfg, device)
     stamps = StepStamps(device, args.warmup + args.steps, args.warmup)
     fit(cfg, training, data, hooks=[stamps])
     return {"train_images_per_s": stamps.steady_images_per_s(), "eval_images_per_s": stamps.eval_images_per_s,
