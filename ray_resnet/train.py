@@ -34,7 +34,7 @@ from .errors import ConfigError, RunError, UserError
 from .failures import fit_or_explain
 from .fit import Hooks, Splits, build_training, fit, select_splits, steps_per_epoch
 from .rundir import check_resumable, diverged_error, previous_result, resolve_run, run_dir, write_config, write_result
-from .runlog import RunLog
+from .runlog import RunLog, progress_every_s
 
 # report() waits up to this long for the controller's poll (Ray's default 2 s); printing is done by rank 0 itself.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
@@ -160,10 +160,11 @@ def _train_worker(loop_config: dict) -> dict | None:
     torch.set_num_threads(loop_config["threads"])
     _quiet_ray_train_logs()
     data = _worker_splits(cfg, ray.get(loop_config["data"]), device)  # [Ray 2] the dataset, zero-copy
-    training = build_training(cfg, device, steps_per_epoch(cfg, len(data.train_index), world), world,
-                              wrap=ray.train.torch.prepare_model)  # [Ray 3] DDP
+    steps = steps_per_epoch(cfg, len(data.train_index), world)
+    training = build_training(cfg, device, steps, world, wrap=ray.train.torch.prepare_model)  # [Ray 3] DDP
     progress = _restore(ray.train.get_checkpoint(), training, rank, loop_config["run_dir"])  # [Ray 4] resume
-    log = RunLog(storage.join(loop_config["run_dir"], TB_DIR), cfg, progress.epoch) if rank == 0 else None
+    log = RunLog(storage.join(loop_config["run_dir"], TB_DIR), cfg, progress.epoch, steps,
+                 loop_config["progress_every_s"]) if rank == 0 else None
     report = ReportToRay(rank, loop_config["run_dir"], {"worker_nodes": _node_ids(world), "params": training.params})
     extra = loop_config["worker_hooks"]() if loop_config["worker_hooks"] else []
     outcome = fit(cfg, training, data, rank=rank, world=world, progress=progress,
@@ -278,7 +279,8 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_lib.to_dict(cfg), "run_dir": directory, "data": ray.put(arrays),
-                           "threads": threads, "hparams": hparams or {}, "worker_hooks": worker_hooks},
+                           "threads": threads, "hparams": hparams or {}, "worker_hooks": worker_hooks,
+                           "progress_every_s": progress_every_s(sys.stdout.isatty())},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.worker_range if cfg.run.elastic else cfg.run.num_workers,  # elastic: (min, max)
             elastic_resize_monitor_interval_s=cfg.run.resize_interval_s, use_gpu=use_gpu,
