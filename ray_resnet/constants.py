@@ -10,6 +10,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # What a run dir holds besides Ray Train's checkpoint_* dirs (see train.py), and a sweep dir's own file.
 CONFIG_FILE = "config.yaml"
 RESULT_FILE = "result.json"
+ENVIRONMENT_FILE = "environment.json"
 BEST_DIR = "best"
 TB_DIR = "tb"
 TB_DIR_STEPS = "steps"  # inside tb/: the step-axis scalars, a TensorBoard run of their own

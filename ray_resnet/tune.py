@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,8 +263,9 @@ class TrialDirname:
         return trial_name(self.sweep, _flat_values(self.sweep, trial.config), trial.trial_id)
 
 
-def run_trial(trial_space: dict, sweep: Sweep) -> None:
-    """One Tune trial: a full `ray-resnet train` run whose per-epoch reports also go to Tune."""
+def run_trial(trial_space: dict, sweep: Sweep, command: list[str] | None = None) -> None:
+    """One Tune trial: a full `ray-resnet train` run whose per-epoch reports also go to Tune (`command`: the
+    sweep's command line, for the trial's environment.json)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -274,7 +276,7 @@ def run_trial(trial_space: dict, sweep: Sweep) -> None:
     cfg = config_lib.replace(trial_config(sweep, values), run={"name": name, "storage": sweep.dir})
     hparams = {k: v if isinstance(v, (str, bool, int, float)) else str(v) for k, v in values.items()}
     try:
-        run_training(cfg, callbacks=[TuneReportCallback()], hparams=hparams)
+        run_training(cfg, callbacks=[TuneReportCallback()], hparams=hparams, command=command)
     except DivergedError:  # recorded in its result.json; a trial Tune counts as errored would rerun on --resume
         pass
 
@@ -365,7 +367,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # The trial function only waits on its TorchTrainer: a 1-byte memory bundle instead of Tune's default 1 CPU,
     # which on a small cluster would hold the CPUs the trial's own workers need (a deadlock).
-    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"memory": 1})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, command=sys.argv), {"memory": 1})
     if resume:
         tuner = tune.Tuner.restore(sweep.dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:

@@ -148,6 +148,8 @@ def test_killed_worker_restarts_from_latest_checkpoint(real_cifar_small, tmp_pat
         assert tb_steps(run_dir, tag) == list(range(1, epochs + 1))
     every_2nd_step = list(range(2, epochs * STEPS_PER_EPOCH + 1, 2))  # run.log_every_steps=2
     assert tb_steps(run_dir, "step/train_loss", "tb/steps") == every_2nd_step  # also on the step axis
+    (attempt,) = json.loads((run_dir / "environment.json").read_text())["attempts"]  # one driver ...
+    assert [g["workers"] for g in attempt["worker_groups"]] == [1, 1]  # ... which started the worker twice
     print(f"\n[fault a] SIGKILL of the training worker {killed_at_s:.1f}s after start, during epoch "
           f"{finished_before_kill + 1} (epochs done: {finished_before_kill}); resumed from epoch {resumed}: "
           f"{lost} finished epoch(s) lost; finished {epochs}/{epochs}")
@@ -177,6 +179,8 @@ def test_killed_driver_rerun_continues_from_latest_checkpoint(real_cifar_small, 
     assert tb_steps(run_dir) == list(range(1, epochs + 1))
     # The steps the killed attempt logged past its checkpoint were trained again: TensorBoard shows each once.
     assert tb_steps(run_dir, "step/lr", "tb/steps") == list(range(2, epochs * STEPS_PER_EPOCH + 1, 2))
+    attempts = json.loads((run_dir / "environment.json").read_text())["attempts"]
+    assert [a["command"][-2:] for a in attempts] == [["--set", "run.max_failures=2"]] * 2  # both kept
     best, final = load_checkpoint(run_dir / "best"), load_checkpoint(result["checkpoint"])
     assert best["epoch"] == final["best_epoch"] == result["best_epoch"]  # best/ agrees with the finished run
     assert all(torch.equal(best["model"][k], v) for k, v in final["best"]["model"].items())

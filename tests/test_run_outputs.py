@@ -1,6 +1,6 @@
 """What a finished run gives its users, on a real tiny run (local Ray, real CIFAR-10 rows): TensorBoard served
-over HTTP with every scalar (per epoch and per step) and the hparams session, and eval / export round trips of
-its checkpoint."""
+over HTTP with every scalar (per epoch and per step) and the hparams session, the record of where it ran, and
+eval / export round trips of its checkpoint."""
 
 import json
 import os
@@ -14,12 +14,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from torch import nn
 
 from ray_resnet import cli
 from ray_resnet.config import load_config
 from ray_resnet.data import load_cifar, normalize
+from ray_resnet.environment import cpu_model
 from ray_resnet.export import exported_logits, onnx_missing
 from ray_resnet.train import run_training
 
@@ -128,6 +130,18 @@ def test_ray_resnet_tensorboard_serves_a_run_dir_and_refuses_an_empty_one(finish
         served.stop()
     assert cli.main(["tensorboard", str(tmp_path)]) == 2
     assert "no TensorBoard event files under" in capsys.readouterr().err
+
+
+def test_the_run_dir_records_where_it_ran(finished_run):
+    (attempt,) = json.loads((finished_run / "environment.json").read_text())["attempts"]
+    assert attempt["command"] == sys.argv and attempt["num_workers"] == 1
+    assert (attempt["torch"], attempt["ray"]) == (torch.__version__, ray.__version__)
+    assert attempt["driver"]["cpu"] == cpu_model() and attempt["driver"]["cpus"] == os.cpu_count()
+    (group,) = attempt["worker_groups"]
+    assert (group["workers"], group["gpus"]) == (1, 0)
+    (rank,) = group["ranks"]
+    assert rank["rank"] == 0 and rank["device"] == "cpu" and rank["gpu"] is None and rank["cpu"] == cpu_model()
+    assert rank["threads"] == 2  # the local Ray's 2 CPUs, all for the one worker
 
 
 def _eval_json(capsys, *args):

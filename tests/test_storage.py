@@ -130,7 +130,8 @@ def test_a_two_worker_run_lives_in_the_bucket_and_every_command_reads_it(s3_env,
     ray_resnet(s3_env, tmp_path, "train", "--data", str(real_cifar_small), "--storage", f"s3://{BUCKET}/runs",
                "--name", "r2", "--num-workers", "2", *_sets("schedule.epochs=2"))
     keys = s3_env.keys("runs/r2/")
-    assert {"runs/r2/config.yaml", "runs/r2/result.json", "runs/r2/best/checkpoint.pt"} <= set(keys)
+    assert {"runs/r2/config.yaml", "runs/r2/environment.json", "runs/r2/result.json",
+            "runs/r2/best/checkpoint.pt"} <= set(keys)
     assert [k for k in keys if k.startswith("runs/r2/checkpoint_") and k.endswith("/checkpoint.pt")]
     assert [k for k in keys if k.startswith("runs/r2/tb/events.out.tfevents.")]
     assert [k for k in keys if k.startswith("runs/r2/tb/steps/events.out.tfevents.")]
@@ -196,6 +197,7 @@ def test_a_killed_driver_resumes_from_the_bucket(s3_env, real_cifar_small, tmp_p
     assert storage.read_json(f"{run}/result.json")["epoch"] == epochs
     assert tb_steps(run) == list(range(1, epochs + 1))  # every epoch once, across both attempts' event files
     assert tb_steps(run, "step/train_loss", "tb/steps") == list(range(2, 4 * epochs + 1, 2))  # every step once
+    assert len(storage.read_json(f"{run}/environment.json")["attempts"]) == 2
 
 
 @pytest.mark.ray

@@ -57,6 +57,9 @@ def test_two_workers_learn_checkpoint_log_resume_and_eval(real_cifar_small, tmp_
     # 1,024 images in batches of 128: 8 steps per epoch, a point every 4th step, in each attempt's own file.
     assert [[step for step, _ in f] for f in _scalars(run_dir, "step/train_loss", "tb/steps")] == [[4, 8, 12, 16],
                                                                                                   [20, 24]]
+    attempts = json.loads((run_dir / "environment.json").read_text())["attempts"]
+    assert [[g["workers"] for g in a["worker_groups"]] for a in attempts] == [[2], [2]]  # the first one is kept
+    assert [r["rank"] for r in attempts[1]["worker_groups"][0]["ranks"]] == [0, 1]
 
     # A finished run says so and trains nothing, also when its data has moved (data.root is not recipe).
     moved = tmp_path / "moved-data"
