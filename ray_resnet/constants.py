@@ -10,8 +10,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # What a run dir holds besides Ray Train's checkpoint_* dirs (see train.py), and a sweep dir's own file.
 CONFIG_FILE = "config.yaml"
 RESULT_FILE = "result.json"
+ENVIRONMENT_FILE = "environment.json"
 BEST_DIR = "best"
 TB_DIR = "tb"
+TB_DIR_STEPS = "steps"  # inside tb/: the step-axis scalars, a TensorBoard run of their own
 SWEEP_FILE = "sweep.yaml"
 
 # Per-epoch metric (as reported to Ray and kept in checkpoints) -> its TensorBoard tag; `report` reads them back.
@@ -23,4 +25,12 @@ TB_TAGS = {
     "lr": "lr",
     "train_images_per_s": "perf/train_images_per_s",
     "epoch_time_s": "perf/epoch_time_s",
+}
+
+# Every run.log_every_steps optimizer steps, with the run's step count (1-based, over epochs) as step: the training
+# loss averaged over those steps (rank 0's share of each global batch, label smoothing included, as train/loss) and
+# the lr of the latest step.
+STEP_TAGS = {
+    "train_loss": "step/train_loss",
+    "lr": "step/lr",
 }

@@ -1,9 +1,10 @@
 """A run dir, `<run.storage>/<run.name>/` (pure: no Ray): what the driver reads before it starts training. Its
 location is a local path or a URI (see storage.py).
 
-It holds `config.yaml` (the resolved config), Ray Train's `checkpoint_*` dirs (the latest `run.keep_checkpoints`)
-and its `checkpoint_manager_snapshot.json`, `best/checkpoint.pt`, `tb/` (TensorBoard, rank 0) and, once the run
-has finished, `result.json`.
+It holds `config.yaml` (the resolved config), `environment.json` (where each attempt ran), Ray Train's
+`checkpoint_*` dirs (the latest `run.keep_checkpoints`) and its `checkpoint_manager_snapshot.json`,
+`best/checkpoint.pt`, `tb/` (TensorBoard, rank 0; tb/steps: the step-axis scalars) and, once the run has
+finished, `result.json`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from . import config as config_lib
 from . import storage
 from .checkpoint import load_checkpoint
 from .config import Config
-from .constants import CONFIG_FILE, RESULT_FILE
+from .constants import CONFIG_FILE, ENVIRONMENT_FILE, RESULT_FILE
 from .errors import CheckpointError, DivergedError, RunError
 
 # Ray Train's record of the checkpoints it has committed; a rerun resumes from its latest.
@@ -93,6 +94,23 @@ def check_resumable(directory: str) -> int:
 
 def write_config(cfg: Config) -> None:
     config_lib.save_config(cfg, storage.join(run_dir(cfg), CONFIG_FILE))
+
+
+def record_attempt(directory: str, attempt: dict) -> None:
+    """Add an attempt (environment.attempt) to environment.json; a resumed run keeps those before it."""
+    location = storage.join(directory, ENVIRONMENT_FILE)
+    record = storage.read_json(location) or {"attempts": []}
+    record["attempts"].append(attempt)
+    storage.write_text(location, json.dumps(record, indent=1) + "\n")
+
+
+def record_worker_group(directory: str, group: dict) -> None:
+    """Add a worker group (environment.worker_group) to the latest attempt of environment.json (rank 0 does this
+    when the workers start; only the driver wrote the file before, and it waits for the workers now)."""
+    location = storage.join(directory, ENVIRONMENT_FILE)
+    record = storage.read_json(location) or {"attempts": [{"worker_groups": []}]}  # a torn file: keep the groups
+    record["attempts"][-1]["worker_groups"].append(group)
+    storage.write_text(location, json.dumps(record, indent=1) + "\n")
 
 
 def write_result(directory: str, summary: dict) -> None:

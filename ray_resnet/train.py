@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import config as config_lib
-from . import storage
+from . import environment, storage
 from .checkpoint import (Progress, best_checkpoint, load_checkpoint, restore_training_state, save_checkpoint,
                          sync_best)
 from .config import Config
@@ -33,8 +33,9 @@ from .data import load_cifar
 from .errors import ConfigError, RunError, UserError
 from .failures import fit_or_explain
 from .fit import Hooks, Splits, build_training, fit, select_splits, steps_per_epoch
-from .rundir import check_resumable, diverged_error, previous_result, resolve_run, run_dir, write_config, write_result
-from .runlog import RunLog
+from .rundir import (check_resumable, diverged_error, previous_result, record_attempt, record_worker_group, resolve_run,
+                     run_dir, write_config, write_result)
+from .runlog import RunLog, progress_every_s
 
 # report() waits up to this long for the controller's poll (Ray's default 2 s); printing is done by rank 0 itself.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
@@ -97,12 +98,12 @@ def _restore(checkpoint: ray.train.Checkpoint | None, training, rank: int, run_d
     return progress
 
 
-def _node_ids(world: int) -> list[str]:
-    """The Ray node each rank runs on (recorded in the metrics)."""
-    nodes = [ray.get_runtime_context().get_node_id()] * world
+def _gather_workers(rank: int, world: int, device: torch.device) -> list[dict]:
+    """Every rank's node, CPU and GPU (environment.worker), in rank order."""
+    facts = [environment.worker(rank, ray.get_runtime_context().get_node_id(), device)] * world
     if world > 1:
-        dist.all_gather_object(nodes, nodes[0])
-    return nodes
+        dist.all_gather_object(facts, facts[0])
+    return facts
 
 
 class ReportToRay(Hooks):
@@ -160,11 +161,17 @@ def _train_worker(loop_config: dict) -> dict | None:
     torch.set_num_threads(loop_config["threads"])
     _quiet_ray_train_logs()
     data = _worker_splits(cfg, ray.get(loop_config["data"]), device)  # [Ray 2] the dataset, zero-copy
-    training = build_training(cfg, device, steps_per_epoch(cfg, len(data.train_index), world), world,
-                              wrap=ray.train.torch.prepare_model)  # [Ray 3] DDP
+    steps = steps_per_epoch(cfg, len(data.train_index), world)
+    training = build_training(cfg, device, steps, world, wrap=ray.train.torch.prepare_model)  # [Ray 3] DDP
     progress = _restore(ray.train.get_checkpoint(), training, rank, loop_config["run_dir"])  # [Ray 4] resume
-    log = RunLog(storage.join(loop_config["run_dir"], TB_DIR), cfg, progress.epoch) if rank == 0 else None
-    report = ReportToRay(rank, loop_config["run_dir"], {"worker_nodes": _node_ids(world), "params": training.params})
+    workers = _gather_workers(rank, world, device)
+    log = None
+    if rank == 0:
+        record_worker_group(loop_config["run_dir"], environment.worker_group(workers))
+        log = RunLog(storage.join(loop_config["run_dir"], TB_DIR), cfg, progress.epoch, steps,
+                     loop_config["progress_every_s"])
+    report = ReportToRay(rank, loop_config["run_dir"], {"worker_nodes": [w["node_id"] for w in workers],
+                                                        "params": training.params})
     extra = loop_config["worker_hooks"]() if loop_config["worker_hooks"] else []
     outcome = fit(cfg, training, data, rank=rank, world=world, progress=progress,
                   hooks=[*([log] if log else []), report, *extra])
@@ -254,13 +261,14 @@ def worker_slots(bundle: dict[str, float], nodes: list[dict[str, float]] | None 
 
 def run_training(cfg: Config, address: str | None = None, callbacks: list | None = None,
                  hparams: dict | None = None, worker_hooks: Callable[[], list[Hooks]] | None = None,
-                 dataset: ray.ObjectRef | None = None) -> dict:
+                 dataset: ray.ObjectRef | None = None, command: list[str] | None = None) -> dict:
     """Train (or resume) the run `cfg.run.name`; returns the summary also written to result.json.
 
     `callbacks`: Ray Train user callbacks (a sweep trial forwards reports to Tune); `hparams`: extra entries of the
     TensorBoard HParams record (a sweep trial's swept keys); `worker_hooks`: makes more `fit` hooks on each worker
     (bench/ times steps with them); `dataset`: load_dataset's arrays already in the object store (a sweep puts them
-    once for all its trials, and has checked that they fit every trial); default: loaded and put here.
+    once for all its trials, and has checked that they fit every trial); default: loaded and put here; `command`:
+    the command line environment.json records (default: this process's; a sweep trial passes the sweep's).
     """
     cfg = resolve_run(cfg)
     directory = run_dir(cfg)
@@ -280,11 +288,14 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     if dataset is None:
         dataset = ray.put(arrays)
         del arrays  # the object store's copy is the node's one copy: the driver's own would sit idle all run
+    workers = list(cfg.run.worker_range) if cfg.run.elastic else cfg.run.num_workers
+    record_attempt(directory, environment.attempt(command or sys.argv, workers))
     start = time.perf_counter()
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_lib.to_dict(cfg), "run_dir": directory, "data": dataset,
-                           "threads": threads, "hparams": hparams or {}, "worker_hooks": worker_hooks},
+                           "threads": threads, "hparams": hparams or {}, "worker_hooks": worker_hooks,
+                           "progress_every_s": progress_every_s(sys.stdout.isatty())},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.worker_range if cfg.run.elastic else cfg.run.num_workers,  # elastic: (min, max)
             elastic_resize_monitor_interval_s=cfg.run.resize_interval_s, use_gpu=use_gpu,

@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,9 +268,10 @@ def dataset_key(cfg: Config) -> tuple[str, str]:
     return cfg.data.root, cfg.data.dataset
 
 
-def run_trial(trial_space: dict, sweep: Sweep, datasets: dict) -> None:
+def run_trial(trial_space: dict, sweep: Sweep, datasets: dict, command: list[str] | None = None) -> None:
     """One Tune trial: a full `ray-resnet train` run whose per-epoch reports also go to Tune. `datasets`: the
-    sweep's datasets in the object store, by dataset_key."""
+    sweep's datasets in the object store, by dataset_key; `command`: the sweep's command line, for the trial's
+    environment.json."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -280,7 +282,8 @@ def run_trial(trial_space: dict, sweep: Sweep, datasets: dict) -> None:
     cfg = config_lib.replace(trial_config(sweep, values), run={"name": name, "storage": sweep.dir})
     hparams = {k: v if isinstance(v, (str, bool, int, float)) else str(v) for k, v in values.items()}
     try:
-        run_training(cfg, callbacks=[TuneReportCallback()], hparams=hparams, dataset=datasets[dataset_key(cfg)])
+        run_training(cfg, callbacks=[TuneReportCallback()], hparams=hparams, dataset=datasets[dataset_key(cfg)],
+                     command=command)
     except DivergedError:  # recorded in its result.json; a trial Tune counts as errored would rerun on --resume
         pass
 
@@ -373,7 +376,8 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # The trial function only waits on its TorchTrainer: a 1-byte memory bundle instead of Tune's default 1 CPU,
     # which on a small cluster would hold the CPUs the trial's own workers need (a deadlock).
-    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, datasets=datasets), {"memory": 1})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, datasets=datasets, command=sys.argv),
+                                    {"memory": 1})
     if resume:
         tuner = tune.Tuner.restore(sweep.dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:

@@ -127,6 +127,7 @@ CASES = {
     "batchnorm typo": (_set("batchnorm=sync"), "batchnorm: expected 'global' | 'per_worker'"),
     "checkpoint_every 0": (_set("run.checkpoint_every=0"), "run.checkpoint_every: 0 is out of range"),
     "keep_checkpoints 0": (_set("run.keep_checkpoints=0"), "keep_checkpoints >= 1"),
+    "log_every_steps 0": (_set("run.log_every_steps=0"), "log_every_steps >= 1"),
     "gpus_per_worker 0": (_set("run.gpus_per_worker=0"), "gpus_per_worker > 0"),
     "cpus_per_worker 0": (_set("run.cpus_per_worker=0"), "cpus_per_worker >= 1"),
     "erase_p 2": (_set("data.erase_p=2"), "0 <= erase_p <= 1"),

@@ -48,6 +48,8 @@ def test_set_overrides_parse_yaml_values():
     ("model=resnet30", "depth must be 6n\\+2"),
     ("model=vgg", "model: unknown model 'vgg'; choose one of: resnet20"),
     ("optim=3", "optim: expected a mapping"),
+    ("run.log_every_steps=0", "run.log_every_steps: 0 is out of range: it must satisfy log_every_steps >= 1"),
+    ("run.log_every_steps=2.5", "run.log_every_steps: expected int, got 2.5"),
     ("nokey", "--set expects key=value"),
 ])
 def test_bad_values_name_the_key(assignment, message):

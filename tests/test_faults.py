@@ -32,25 +32,26 @@ pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
 # 256 train images in batches of 64 (4 steps) and 200 test images: one epoch takes a few seconds on 2 cores.
 TINY = ["data.train_subset=256", "data.test_subset=200", "optim.batch_size=64", "schedule.warmup_epochs=0",
-        "schedule.milestones=[]", "optim.lr=0.05", "perf.eval_batch_size=200"]
+        "schedule.milestones=[]", "optim.lr=0.05", "perf.eval_batch_size=200", "run.log_every_steps=2"]
+STEPS_PER_EPOCH = 4
 
 
 def _cfg(root, storage, name, *sets):
     return load_config(None, [f"data.root={root}", f"run.storage={storage}", f"run.name={name}", *TINY, *sets])
 
 
-def tb_scalars(run_dir: Path | str, tag: str = "train/loss") -> list[tuple[int, float]]:
-    """(step, value) of a tag as TensorBoard shows them: all event files of tb/, with purge_step applied (`run_dir`
-    may be a URI: its tb/ is copied here first)."""
+def tb_scalars(run_dir: Path | str, tag: str = "train/loss", tb_dir: str = "tb") -> list[tuple[int, float]]:
+    """(step, value) of a tag as TensorBoard shows them: all event files of tb/ (or `tb_dir`: tb/steps), with
+    purge_step applied (`run_dir` may be a URI: its tb/ is copied here first)."""
     with tempfile.TemporaryDirectory() as local:
-        storage.download_dir(storage.join(run_dir, "tb"), local)
+        storage.download_dir(storage.join(run_dir, tb_dir), local)
         acc = EventAccumulator(local, size_guidance={"scalars": 0})
         acc.Reload()
         return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
-def tb_steps(run_dir: Path | str, tag: str = "train/loss") -> list[int]:
-    return [step for step, _ in tb_scalars(run_dir, tag)]
+def tb_steps(run_dir: Path | str, tag: str = "train/loss", tb_dir: str = "tb") -> list[int]:
+    return [step for step, _ in tb_scalars(run_dir, tag, tb_dir)]
 
 
 def reported_epochs(log: str) -> list[int]:
@@ -145,6 +146,10 @@ def test_killed_worker_restarts_from_latest_checkpoint(real_cifar_small, tmp_pat
     assert tb_steps(run_dir) == list(range(1, epochs + 1))  # no duplicated or missing epoch after the restart
     for tag in ("test/acc", "lr"):
         assert tb_steps(run_dir, tag) == list(range(1, epochs + 1))
+    every_2nd_step = list(range(2, epochs * STEPS_PER_EPOCH + 1, 2))  # run.log_every_steps=2
+    assert tb_steps(run_dir, "step/train_loss", "tb/steps") == every_2nd_step  # also on the step axis
+    (attempt,) = json.loads((run_dir / "environment.json").read_text())["attempts"]  # one driver ...
+    assert [g["workers"] for g in attempt["worker_groups"]] == [1, 1]  # ... which started the worker twice
     print(f"\n[fault a] SIGKILL of the training worker {killed_at_s:.1f}s after start, during epoch "
           f"{finished_before_kill + 1} (epochs done: {finished_before_kill}); resumed from epoch {resumed}: "
           f"{lost} finished epoch(s) lost; finished {epochs}/{epochs}")
@@ -172,6 +177,10 @@ def test_killed_driver_rerun_continues_from_latest_checkpoint(real_cifar_small, 
     result = json.loads((run_dir / "result.json").read_text())
     assert result["epoch"] == epochs
     assert tb_steps(run_dir) == list(range(1, epochs + 1))
+    # The steps the killed attempt logged past its checkpoint were trained again: TensorBoard shows each once.
+    assert tb_steps(run_dir, "step/lr", "tb/steps") == list(range(2, epochs * STEPS_PER_EPOCH + 1, 2))
+    attempts = json.loads((run_dir / "environment.json").read_text())["attempts"]
+    assert [a["command"][-2:] for a in attempts] == [["--set", "run.max_failures=2"]] * 2  # both kept
     best, final = load_checkpoint(run_dir / "best"), load_checkpoint(result["checkpoint"])
     assert best["epoch"] == final["best_epoch"] == result["best_epoch"]  # best/ agrees with the finished run
     assert all(torch.equal(best["model"][k], v) for k, v in final["best"]["model"].items())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PURE = ["models", "data", "engine", "config", "checkpoint", "weights", "export", "report", "fit", "runlog", "rundir",
-        "constants", "errors", "tb_server", "cli"]
+        "environment", "constants", "errors", "tb_server", "cli"]
 
 
 def _python(code: str, cwd: Path) -> str:

@@ -1,5 +1,6 @@
 """What a finished run gives its users, on a real tiny run (local Ray, real CIFAR-10 rows): TensorBoard served
-over HTTP with every scalar and the hparams session, and eval / export round trips of its checkpoint."""
+over HTTP with every scalar (per epoch and per step) and the hparams session, the record of where it ran, and
+eval / export round trips of its checkpoint."""
 
 import json
 import os
@@ -8,21 +9,26 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from torch import nn
 
 from ray_resnet import cli
 from ray_resnet.config import load_config
 from ray_resnet.data import load_cifar, normalize
+from ray_resnet.environment import cpu_model
 from ray_resnet.export import exported_logits, onnx_missing
 from ray_resnet.train import run_training
 
 EPOCHS = 2
 SCALAR_TAGS = {"train/loss", "train/acc", "test/loss", "test/acc", "lr"}
+STEP_TAGS = {"step/train_loss", "step/lr"}
+LOG_EVERY_STEPS = 3  # of 4 steps per epoch (256 images in batches of 64): points at steps 3 and 6
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +37,7 @@ def finished_run(ray_local, real_cifar_small, tmp_path_factory):
     cfg = load_config(None, [f"data.root={real_cifar_small}", f"run.storage={storage}", "run.name=served",
                              f"schedule.epochs={EPOCHS}", "schedule.warmup_epochs=0", "schedule.milestones=[]", "data.train_subset=256",
                              "data.test_subset=200", "optim.batch_size=64", "optim.lr=0.05",
-                             "perf.eval_batch_size=200"])
+                             "perf.eval_batch_size=200", f"run.log_every_steps={LOG_EVERY_STEPS}"])
     summary = run_training(cfg)
     assert summary["epoch"] == EPOCHS
     return storage / "served"
@@ -83,11 +89,16 @@ def test_tensorboard_serves_every_scalar_and_the_hparams_session(finished_run, t
     served = Served([str(tensorboard), "--logdir", str(finished_run), "--host", "127.0.0.1", "--port", str(port)],
                     tmp_path / "tb.log", port)
     try:
-        tags = served.request("/data/plugin/scalars/tags", ready=lambda t: SCALAR_TAGS <= set(t.get("tb", {})))
-        assert set(tags) == {"tb"}  # one run: the run dir's tb/
+        tags = served.request("/data/plugin/scalars/tags", ready=lambda t: SCALAR_TAGS <= set(t.get("tb", {}))
+                              and STEP_TAGS <= set(t.get("tb/steps", {})))
+        assert set(tags) == {"tb", "tb/steps"}  # the run dir's tb/, and its step-axis scalars
         for tag in sorted(SCALAR_TAGS):
             points = served.request(f"/data/plugin/scalars/scalars?run=tb&tag={tag}")
             assert [step for _, step, _ in points] == list(range(1, EPOCHS + 1)), tag  # [wall_time, step, value]
+        for tag in sorted(STEP_TAGS):
+            points = served.request(f"/data/plugin/scalars/scalars?run={urllib.parse.quote('tb/steps', safe='')}"
+                                    f"&tag={tag}")
+            assert [step for _, step, _ in points] == [3, 6], tag
         accs = [value for _, _, value in served.request("/data/plugin/scalars/scalars?run=tb&tag=test/acc")]
         assert all(0 <= a <= 100 for a in accs)
 
@@ -119,6 +130,18 @@ def test_ray_resnet_tensorboard_serves_a_run_dir_and_refuses_an_empty_one(finish
         served.stop()
     assert cli.main(["tensorboard", str(tmp_path)]) == 2
     assert "no TensorBoard event files under" in capsys.readouterr().err
+
+
+def test_the_run_dir_records_where_it_ran(finished_run):
+    (attempt,) = json.loads((finished_run / "environment.json").read_text())["attempts"]
+    assert attempt["command"] == sys.argv and attempt["num_workers"] == 1
+    assert (attempt["torch"], attempt["ray"]) == (torch.__version__, ray.__version__)
+    assert attempt["driver"]["cpu"] == cpu_model() and attempt["driver"]["cpus"] == os.cpu_count()
+    (group,) = attempt["worker_groups"]
+    assert (group["workers"], group["gpus"]) == (1, 0)
+    (rank,) = group["ranks"]
+    assert rank["rank"] == 0 and rank["device"] == "cpu" and rank["gpu"] is None and rank["cpu"] == cpu_model()
+    assert rank["threads"] == 2  # the local Ray's 2 CPUs, all for the one worker
 
 
 def _eval_json(capsys, *args):

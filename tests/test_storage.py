@@ -23,7 +23,7 @@ from ray_resnet.report import read_curve
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.train_subset=256", "data.test_subset=200", "optim.batch_size=64", "schedule.warmup_epochs=0",
-        "schedule.milestones=[]", "optim.lr=0.05", "perf.eval_batch_size=200"]
+        "schedule.milestones=[]", "optim.lr=0.05", "perf.eval_batch_size=200", "run.log_every_steps=2"]
 
 
 def _sets(*extra: str) -> list[str]:
@@ -130,9 +130,11 @@ def test_a_two_worker_run_lives_in_the_bucket_and_every_command_reads_it(s3_env,
     ray_resnet(s3_env, tmp_path, "train", "--data", str(real_cifar_small), "--storage", f"s3://{BUCKET}/runs",
                "--name", "r2", "--num-workers", "2", *_sets("schedule.epochs=2"))
     keys = s3_env.keys("runs/r2/")
-    assert {"runs/r2/config.yaml", "runs/r2/result.json", "runs/r2/best/checkpoint.pt"} <= set(keys)
+    assert {"runs/r2/config.yaml", "runs/r2/environment.json", "runs/r2/result.json",
+            "runs/r2/best/checkpoint.pt"} <= set(keys)
     assert [k for k in keys if k.startswith("runs/r2/checkpoint_") and k.endswith("/checkpoint.pt")]
     assert [k for k in keys if k.startswith("runs/r2/tb/events.out.tfevents.")]
+    assert [k for k in keys if k.startswith("runs/r2/tb/steps/events.out.tfevents.")]
     assert not list(tmp_path.iterdir())  # nothing local: no runs/ dir
     result = storage.read_json(f"{run}/result.json")
     assert result["status"] == "finished" and result["checkpoint"].startswith(f"{run}/checkpoint_")
@@ -167,7 +169,9 @@ def test_a_two_worker_run_lives_in_the_bucket_and_every_command_reads_it(s3_env,
     try:
         tags = served.request("/data/plugin/scalars/tags", ready=lambda t: SCALAR_TAGS <= set(t.get("tb", {})))
         points = served.request("/data/plugin/scalars/scalars?run=tb&tag=test/acc")
-        assert set(tags) == {"tb"} and [step for _, step, _ in points] == [1, 2]
+        assert set(tags) == {"tb", "tb/steps"} and [step for _, step, _ in points] == [1, 2]
+        steps = served.request("/data/plugin/scalars/scalars?run=tb%2Fsteps&tag=step/lr")
+        assert [step for _, step, _ in steps] == [2, 4, 6, 8]  # run.log_every_steps=2 of 4 steps per epoch
     finally:
         served.stop()
 
@@ -192,6 +196,8 @@ def test_a_killed_driver_resumes_from_the_bucket(s3_env, real_cifar_small, tmp_p
     assert "resuming from the checkpoint of epoch" in second.log
     assert storage.read_json(f"{run}/result.json")["epoch"] == epochs
     assert tb_steps(run) == list(range(1, epochs + 1))  # every epoch once, across both attempts' event files
+    assert tb_steps(run, "step/train_loss", "tb/steps") == list(range(2, 4 * epochs + 1, 2))  # every step once
+    assert len(storage.read_json(f"{run}/environment.json")["attempts"]) == 2
 
 
 @pytest.mark.ray

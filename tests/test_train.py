@@ -25,10 +25,10 @@ def _cfg(root, storage, name, *sets):
                               "perf.eval_batch_size=250", *sets])
 
 
-def _scalars(run_dir, tag):
-    """(step, value) pairs of a tag, over every event file of the run's tb/ dir, in file order."""
+def _scalars(run_dir, tag, tb_dir="tb"):
+    """(step, value) pairs of a tag, over every event file of the run's tb/ dir (or `tb_dir`), in file order."""
     out = []
-    for events in sorted((run_dir / "tb").glob("events.out.tfevents.*")):
+    for events in sorted((run_dir / tb_dir).glob("events.out.tfevents.*")):
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
         if tag in acc.Tags()["scalars"]:
@@ -37,7 +37,7 @@ def _scalars(run_dir, tag):
 
 
 def test_two_workers_learn_checkpoint_log_resume_and_eval(real_cifar_small, tmp_path, capsys):
-    cfg = _cfg(real_cifar_small, tmp_path, "r20", "schedule.epochs=2", "run.num_workers=2")
+    cfg = _cfg(real_cifar_small, tmp_path, "r20", "schedule.epochs=2", "run.num_workers=2", "run.log_every_steps=4")
     first = run_training(cfg)
     run_dir = tmp_path / "r20"
     assert first["epoch"] == 2 and 0 <= first["final_test_acc"] <= 100
@@ -45,7 +45,8 @@ def test_two_workers_learn_checkpoint_log_resume_and_eval(real_cifar_small, tmp_
     assert load_checkpoint(first["checkpoint"])["epoch"] == 2
 
     # Rerunning the same name with more epochs resumes: the second attempt trains epoch 3 only.
-    second = run_training(_cfg(real_cifar_small, tmp_path, "r20", "schedule.epochs=3", "run.num_workers=2"))
+    second = run_training(_cfg(real_cifar_small, tmp_path, "r20", "schedule.epochs=3", "run.num_workers=2",
+                               "run.log_every_steps=4"))
     assert second["epoch"] == 3
     per_file = _scalars(run_dir, "train/loss")
     assert [step for step, _ in per_file[0]] == [1, 2] and [step for step, _ in per_file[1]] == [3]
@@ -53,6 +54,12 @@ def test_two_workers_learn_checkpoint_log_resume_and_eval(real_cifar_small, tmp_
     assert losses[-1] < losses[0], f"training loss did not decrease: {losses}"
     for tag in ("test/acc", "test/loss", "train/acc", "lr", "perf/train_images_per_s", "perf/epoch_time_s"):
         assert sum(len(f) for f in _scalars(run_dir, tag)) == 3, tag
+    # 1,024 images in batches of 128: 8 steps per epoch, a point every 4th step, in each attempt's own file.
+    assert [[step for step, _ in f] for f in _scalars(run_dir, "step/train_loss", "tb/steps")] == [[4, 8, 12, 16],
+                                                                                                  [20, 24]]
+    attempts = json.loads((run_dir / "environment.json").read_text())["attempts"]
+    assert [[g["workers"] for g in a["worker_groups"]] for a in attempts] == [[2], [2]]  # the first one is kept
+    assert [r["rank"] for r in attempts[1]["worker_groups"][0]["ranks"]] == [0, 1]
 
     # A finished run says so and trains nothing, also when its data has moved (data.root is not recipe).
     moved = tmp_path / "moved-data"

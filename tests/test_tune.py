@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -150,6 +151,8 @@ def test_grid_sweep_interrupted_resumed_and_reported(real_cifar_small, tmp_path,
         assert (result.stat().st_mtime_ns, result.read_text()) == (mtime, text)
         assert sorted(p.name for p in (sweep_dir / name).glob("checkpoint_*")) == checkpoints[name]
     assert {"model", "seed", "params"} <= _hparam_names(sweep_dir / "resnet20-s1")
+    environment = json.loads((sweep_dir / "resnet20-s1" / "environment.json").read_text())
+    assert environment["attempts"][-1]["command"] == sys.argv  # the sweep's command line, not the trial actor's
 
     start = time.perf_counter()
     assert cli.main(["report", str(sweep_dir)]) == 0
