@@ -46,14 +46,14 @@ def select_splits(cfg: Config, arrays: dict[str, torch.Tensor]) -> Splits:
 
     The val split is drawn from the whole training set first, so it is the same with or without data.train_subset,
     which then picks from the rest. Everything depends on the seed only: every rank chooses the same."""
-    labels = arrays["train_labels"]
-    val_index, pool = None, torch.arange(len(labels), device=labels.device)
+    labels = arrays["train_labels"].cpu()  # indices live on the CPU, as epoch_batches' do
+    val_index, pool = None, torch.arange(len(labels))
     if cfg.data.val_split is not None:
-        val_index = take_subset(labels, cfg.data.val_split, cfg.seed).to(labels.device)
-        keep = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
+        val_index = take_subset(labels, cfg.data.val_split, cfg.seed)
+        keep = torch.ones(len(labels), dtype=torch.bool)
         keep[val_index] = False
         pool = pool[keep]
-    train_index = pool[take_subset(labels[pool], cfg.data.train_subset, cfg.seed).to(labels.device)]
+    train_index = pool[take_subset(labels[pool], cfg.data.train_subset, cfg.seed)]
     pixel_mean = mean_image(arrays["train_images"], train_index) if cfg.data.normalize == "pixel_mean" else None
     return Splits(**arrays, train_index=train_index, val_index=val_index, pixel_mean=pixel_mean,
                   test_index=take_subset(arrays["test_labels"], cfg.data.test_subset, cfg.seed))

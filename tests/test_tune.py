@@ -41,6 +41,17 @@ def _hparam_names(run_dir):
     return names
 
 
+def _scalar_tags(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in (run_dir / "tb").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    return tags
+
+
 def test_shipped_sweep_files_are_valid():
     table6 = load_sweep(CONFIGS / "sweep_table6.yaml")
     assert trial_count(table6) == 30 and table6.grid["model"][-1] == "resnet1202" and table6.asha is None
@@ -227,6 +238,7 @@ def test_a_small_recipes_sweep_selects_on_validation_and_reports_a_column_per_re
     assert paper["best_selected_on"] == "validation set (100 held-out training images)"
     assert 0 <= paper["best_val_acc"] <= 100 and paper["best_epoch"] == 1
     assert (sweep_dir / "resnet20-s0-recipe=paper" / "best" / "checkpoint.pt").is_file()
+    assert {"val/acc", "val/loss", "test/acc"} <= _scalar_tags(sweep_dir / "resnet20-s0-recipe=paper")
     assert cli.main(["report", str(sweep_dir)]) == 0
     table = capsys.readouterr().out
     assert "| model | timm | paper | reproduction | paper (Table 6) |" in table
