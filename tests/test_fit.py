@@ -192,3 +192,23 @@ def test_checkpoints_from_before_val_splits_resume():
     resumed = _training(cfg, data)
     progress = restore_training_state(old, resumed.core, resumed.optimizer, resumed.scheduler)
     assert (progress.best_val_acc, progress.best_test_acc) == (0.0, hook.states[1]["best_test_acc"])
+
+
+def test_eval_of_a_pixel_mean_run_normalises_as_training_did(tmp_path, cache_dir, capsys):
+    import json
+
+    from fixtures import write_parquet_cifar
+    from ray_resnet import cli
+
+    arrays = _arrays(160)
+    write_parquet_cifar(tmp_path / "cifar", arrays["test_images"], arrays["test_labels"], "test")
+    cfg = _cfg("schedule.epochs=1", "data.val_split=40", "data.normalize=pixel_mean", f"data.root={tmp_path / 'cifar'}")
+    data = select_splits(cfg, arrays)
+    hook = Recorder()
+    fit(cfg, _training(cfg, data), data, hooks=[hook])
+    save_checkpoint(best_checkpoint(hook.states[1]), tmp_path / "best")
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "best"), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["acc"] == pytest.approx(hook.states[1]["metrics"]["test_acc"], abs=2.6)  # <= 1 of 40 flips
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "best")]) == 0
+    assert "the highest validation accuracy during training, on 40 held-out training images" in capsys.readouterr().out
