@@ -84,7 +84,8 @@ class Hooks:
 
     def checkpoint_due(self, state: Callable[[], dict], *, latest: bool, best: bool) -> None:
         """After an epoch whose state should be kept: `latest` every run.checkpoint_every epochs and after the
-        last, `best` when the validation accuracy (without a val split: the test accuracy) is the best so far. `state()` builds the checkpoint's contents."""
+        last, `best` when the validation accuracy (without a val split: the test accuracy) is the best so far.
+        `state()` builds the checkpoint's contents."""
 
     def epoch_end(self, metrics: dict) -> None:
         """After every epoch (after checkpoint_due): its metrics, the same on every rank."""
