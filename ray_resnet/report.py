@@ -190,7 +190,8 @@ def _recipe_table(sweep: dict, rows: list[dict]) -> list[str]:
         cells.setdefault(row["group"][:at] + row["group"][at + 1:], {"model": row["model"]})[row["group"][at]] = row
     lines = ["", "By recipe: final test error %, mean ± standard error over the finished seeds (n); the paper's "
              "Table 6 gives single runs, and for ResNet-110 its best of 5 with mean ± std in brackets.", "",
-             "| " + " | ".join([*others, *recipes, "paper (Table 6)"]) + " |", "|" + "---|" * (len(others) + len(recipes) + 1)]
+             "| " + " | ".join([*others, *recipes, "paper (Table 6)"]) + " |",
+             "|" + "---|" * (len(others) + len(recipes) + 1)]
     for rest, by_recipe in cells.items():
         shown = []
         for recipe in recipes:
