@@ -25,27 +25,35 @@ class Progress:
     """How far a run has got: what the training loop carries from epoch to epoch besides the model."""
 
     epoch: int = 0  # epochs finished
-    best_test_acc: float = 0.0
+    best_test_acc: float = 0.0  # of the best epoch (chosen on val_acc with a val split, else on test_acc)
     best_epoch: int = 0  # 0: none yet
     best_model: dict | None = None  # the state dict of the best epoch's model (best/ is rewritten from it)
     best_metrics: dict | None = None
+    best_val_acc: float = 0.0  # of the best epoch, with a val split (checkpoints from before val splits lack it)
+
+    def best_score(self, metric: str) -> float:
+        """The best epoch's value of the metric best/ is selected on ("val_acc" or "test_acc")."""
+        return self.best_val_acc if metric == "val_acc" else self.best_test_acc
 
     def new_best(self, core: nn.Module, metrics: dict) -> None:
         self.best_test_acc, self.best_epoch, self.best_metrics = metrics["test_acc"], metrics["epoch"], metrics
+        self.best_val_acc = metrics.get("val_acc", 0.0)
         self.best_model = {k: v.detach().clone() for k, v in core.state_dict().items()}
 
 
 def training_state(core: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                   progress: Progress, config: dict, metrics: dict) -> dict:
-    """Everything a run resumes from (the best epoch's model included), plus the resolved config and the epoch's
-    metrics (for eval and export)."""
+                   progress: Progress, config: dict, metrics: dict, pixel_mean: torch.Tensor | None = None) -> dict:
+    """Everything a run resumes from (the best epoch's model included), plus the resolved config, the epoch's
+    metrics and the mean image inputs are normalised by (data.normalize pixel_mean; for eval)."""
     model = core.state_dict()
     best = model if progress.best_epoch == progress.epoch else progress.best_model  # one copy when they agree
     return {
         "model": model, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "epoch": progress.epoch, "best_test_acc": progress.best_test_acc, "best_epoch": progress.best_epoch,
+        "best_val_acc": progress.best_val_acc,
         "best": {"model": best, "metrics": progress.best_metrics} if best is not None else None,
         "rng": {"torch": torch.get_rng_state()}, "config": config, "metrics": metrics,
+        "pixel_mean": None if pixel_mean is None else pixel_mean.cpu(),
     }
 
 
@@ -58,14 +66,15 @@ def restore_training_state(state: dict, core: nn.Module, optimizer: torch.optim.
     torch.set_rng_state(state["rng"]["torch"])
     best = state.get("best") or {}
     return Progress(state["epoch"], state["best_test_acc"], state["best_epoch"], best.get("model"),
-                    best.get("metrics"))
+                    best.get("metrics"), state.get("best_val_acc", 0.0))
 
 
 def best_checkpoint(state: dict) -> dict:
     """What best/ holds, from a training state: the best epoch's model, metrics and the config (no optimizer)."""
     best = state["best"]
     return {"model": best["model"], "config": state["config"], "epoch": state["best_epoch"], "kind": "best",
-            "metrics": best["metrics"], "best_test_acc": state["best_test_acc"], "best_epoch": state["best_epoch"]}
+            "metrics": best["metrics"], "best_test_acc": state["best_test_acc"], "best_epoch": state["best_epoch"],
+            "best_val_acc": state.get("best_val_acc", 0.0), "pixel_mean": state.get("pixel_mean")}
 
 
 def sync_best(state: dict | None, best_dir: str) -> None:
@@ -93,11 +102,13 @@ def model_weights(state: dict) -> dict[str, torch.Tensor]:
 
 
 def describe(state: dict) -> dict:
-    """What a checkpoint says about its model: {"model", "dataset", "epoch", "config", "kind"}; kind "best" for
-    best/ (the epoch of the highest test accuracy), else "epoch" (the model after that epoch)."""
+    """What a checkpoint says about its model: {"model", "dataset", "epoch", "config", "kind", "pixel_mean"}; kind
+    "best" for best/ (the epoch of the highest validation accuracy, or without a val split test accuracy), else
+    "epoch" (the model after that epoch); pixel_mean: the mean image its inputs are normalised by, or None."""
     config = state["config"]
     return {"model": config.get("model"), "dataset": config.get("data", {}).get("dataset"),
-            "epoch": state.get("epoch"), "config": config, "kind": state.get("kind", "epoch")}
+            "epoch": state.get("epoch"), "config": config, "kind": state.get("kind", "epoch"),
+            "pixel_mean": state.get("pixel_mean")}
 
 
 def save_checkpoint(state: dict, directory: str | os.PathLike) -> str:

@@ -61,9 +61,17 @@ def _train(args: argparse.Namespace) -> int:
         print(f"done: {summary['name']} ({summary['model']}, {summary['params']:,} params) "
               f"{summary['epoch']}/{summary['epochs']} epochs in {summary['wall_time_s']:.0f}s: "
               f"final test acc {summary['final_test_acc']:.2f}%, "
-              f"best {summary['best_test_acc']:.2f}% (epoch {summary['best_epoch']})")
+              f"best/ (epoch {summary['best_epoch']}) test acc {summary['best_test_acc']:.2f}%, "
+              f"{_selected(summary)}")
     print(f"run dir: {summary['run_dir']}\nTensorBoard: tensorboard --logdir {summary['run_dir']}/tb")
     return 0
+
+
+def _selected(summary: dict) -> str:
+    """How best/ was chosen, in words (result.json's best_selected_on; runs from before it had no val split)."""
+    if summary.get("best_val_acc") is not None:
+        return f"selected on the {summary['best_selected_on']}: val acc {summary['best_val_acc']:.2f}%"
+    return "selected on the test set (an optimistic estimate; data.val_split=5000 holds out a validation set)"
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -109,7 +117,9 @@ def _eval(args: argparse.Namespace) -> int:
     perf = trained_with.get("perf", {})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device, memory_format=torch.channels_last)
-    metrics = evaluate(model, images, labels, batch_size=perf.get("eval_batch_size", 500))
+    pixel_mean = info.get("pixel_mean")  # a data.normalize pixel_mean run's mean image, from its checkpoint
+    metrics = evaluate(model, images, labels, batch_size=perf.get("eval_batch_size", 500),
+                       pixel_mean=None if pixel_mean is None else pixel_mean.to(device))
     source = {"checkpoint": str(args.checkpoint)} if args.checkpoint else {"weights": str(args.weights)}
     out = {**source, "format": info["format"], "model": info["model"], "dataset": info["dataset"],
            "epoch": info.get("epoch"), "kind": info.get("kind"), "file": info["file"], **metrics}
@@ -138,6 +148,9 @@ def _load_model(args: argparse.Namespace):
 
 def _which(info: dict) -> str:
     """Which model of a run a weights file holds, in words."""
+    if info.get("kind") == "best" and info["config"].get("data", {}).get("val_split"):
+        return (f"the best checkpoint (epoch {info['epoch']}: the highest validation accuracy during training, on "
+                f"{info['config']['data']['val_split']} held-out training images; --final evaluates the last epoch)")
     if info.get("kind") == "best":
         return (f"the best checkpoint (epoch {info['epoch']}: the highest test accuracy during training, i.e. selected "
                 "on the test set, an optimistic estimate; --final evaluates the last epoch)")

@@ -1,5 +1,6 @@
 """One frozen config tree; its defaults are the reference recipe (He et al. 2015, section 4.2, plus the
-project's warmup, label smoothing and random erasing). YAML files and `--set a.b=value` only override it."""
+project's warmup, label smoothing and random erasing: recipe "timm"). The key `recipe` picks a preset layer beneath
+YAML files and `--set a.b=value`, which only override: defaults <- recipe preset <- YAML <- --set."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .constants import DATASETS
+from .constants import DATASETS, TRAIN_IMAGES
 from . import storage
 from .errors import ConfigError
 
@@ -67,6 +68,12 @@ class DataConfig:
     train_subset: int | None = setting(None, "x >= 1")  # class-balanced subset of the training set; None: all
     test_subset: int | None = setting(None, "x >= 1")
     erase_p: float = setting(0.25, "0 <= x <= 1")  # random erasing probability per image
+    # Training images held out (class-balanced, drawn by seed) to select best/ on; None: best/ follows the test
+    # set. train_subset then picks from the images that remain.
+    val_split: int | None = setting(None, "x >= 1")
+    # imagenet: /255, then ImageNet mean/std per channel. pixel_mean: /255, then minus the mean image [3,32,32] of
+    # the run's training images (the paper's "per-pixel mean subtracted"; no std division).
+    normalize: Literal["imagenet", "pixel_mean"] = "imagenet"
 
 
 @dataclass(frozen=True)
@@ -82,9 +89,12 @@ class OptimConfig:
 @dataclass(frozen=True)
 class ScheduleConfig:
     epochs: int = setting(200, "x >= 1", runtime=True)  # raising it on a finished run trains on
-    warmup_epochs: float = setting(10, "x >= 0")  # linear, per iteration, from warmup_start_lr to optim.lr
+    warmup_epochs: float = setting(10, "x >= 0")  # set per iteration, so it may end mid-epoch
     warmup_start_lr: float = setting(1e-5, "x >= 0")
-    milestones: tuple[int, ...] = setting((100, 150), "x >= 1")  # epochs where lr is multiplied by gamma
+    # linear: from warmup_start_lr up to optim.lr; constant: warmup_start_lr throughout, then optim.lr
+    warmup: Literal["linear", "constant"] = "linear"
+    # epochs where lr is multiplied by gamma; fractional ones fall mid-epoch (the paper's drops at 32k iterations)
+    milestones: tuple[int | float, ...] = setting((100, 150), "x >= 1")
     gamma: float = setting(0.1, "0 < x <= 1")
 
 
@@ -148,6 +158,9 @@ class RunConfig:
 @dataclass(frozen=True)
 class Config:
     model: str = "resnet20"
+    # The preset beneath the other keys (see RECIPES): timm (these defaults), paper (He et al. 2015, section 4.2),
+    # reproduction (akamaster/pytorch_resnet_cifar10, the most used PyTorch reproduction).
+    recipe: Literal["timm", "paper", "reproduction"] = "timm"
     seed: int = setting(0, "x >= 0")  # fixes init, data order and augmentation
     # With several workers, what BatchNorm normalises over. global: the whole global batch, with the same running
     # statistics on every rank, so a run trains alike at any worker count. per_worker: each worker's share (DDP's
@@ -263,8 +276,45 @@ def _check_rules(cfg: Config) -> None:
     if cfg.data.train_subset is not None and cfg.data.train_subset < workers:
         broken.append(f"data.train_subset={cfg.data.train_subset} gives some of the {named} "
                       "workers no training image")
+    images, val = TRAIN_IMAGES[cfg.data.dataset], cfg.data.val_split
+    if val is not None and val > images - workers:
+        broken.append(f"data.val_split={val} leaves fewer training images than {named} workers of the "
+                      f"{images:,} in {cfg.data.dataset}: hold out fewer (the paper: 5000)")
     if broken:
         raise ConfigError("; ".join(broken))
+
+
+# He et al. (2015), section 4.2, in iterations of the batch of 128: lr / 10 at 32k and 48k, stop at 64k; the deepest
+# nets start at lr 0.01 "until the training error is below 80% (about 400 iterations)".
+PAPER_MILESTONES_IT = (32_000, 48_000)
+PAPER_STOP_IT = 64_000
+PAPER_WARMUP_IT = 400
+WARMUP_LR = 0.01  # paper and reproduction: the start lr of ResNet-110 and ResNet-1202 (depth >= 110 here)
+DEEP = 110
+
+
+def train_images(cfg: Config) -> int:
+    """The training images a run uses of the full dataset: all but the val split, at most data.train_subset."""
+    left = TRAIN_IMAGES[cfg.data.dataset] - (cfg.data.val_split or 0)
+    return min(left, cfg.data.train_subset or left)
+
+
+def recipe_preset(cfg: Config) -> dict:
+    """The overrides recipe `cfg.recipe` lays beneath the YAML/--set ones. They depend on cfg's model (warmup for the
+    deepest nets) and, for the paper's iteration counts, on the steps per epoch: ceil(train_images / batch)."""
+    from .models import parse_model_name
+
+    if cfg.recipe == "timm":
+        return {}
+    deep = parse_model_name(cfg.model)[0] >= DEEP
+    plain = {"data": {"erase_p": 0.0, "normalize": "imagenet"}, "optim": {"label_smoothing": 0.0},
+             "schedule": {"warmup": "constant", "warmup_start_lr": WARMUP_LR}}
+    if cfg.recipe == "reproduction":  # lr 0.01 for the first epoch of resnet110/1202 (its trainer.py)
+        return merge(plain, {"schedule": {"epochs": 200, "milestones": [100, 150], "warmup_epochs": 1 if deep else 0}})
+    steps = math.ceil(train_images(cfg) / cfg.optim.batch_size)
+    return merge(plain, {"data": {"normalize": "pixel_mean"}, "schedule": {
+        "epochs": math.ceil(PAPER_STOP_IT / steps), "milestones": [it / steps for it in PAPER_MILESTONES_IT],
+        "warmup_epochs": PAPER_WARMUP_IT / steps if deep else 0}})
 
 
 def merge(base: dict, overrides: dict) -> dict:
@@ -343,6 +393,8 @@ def from_dict(d: dict, rules: bool = True) -> Config:
         parse_model_name(cfg.model)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+    if cfg.recipe != "timm":  # the preset depends on keys `d` may set (model, data.val_split, ...): built again
+        cfg = _build(Config, merge(recipe_preset(cfg), d))
     if rules:
         _check_rules(cfg)
     return cfg

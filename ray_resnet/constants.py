@@ -2,6 +2,7 @@
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 DATASETS = tuple(NUM_CLASSES)
+TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000}  # the full training sets (the test sets hold 10,000)
 
 # The project's recipe normalises with the ImageNet statistics (timm's default), not CIFAR's own.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -22,6 +23,8 @@ TB_TAGS = {
     "train_acc": "train/acc",
     "test_loss": "test/loss",
     "test_acc": "test/acc",
+    "val_loss": "val/loss",  # with data.val_split only
+    "val_acc": "val/acc",
     "lr": "lr",
     "train_images_per_s": "perf/train_images_per_s",
     "epoch_time_s": "perf/epoch_time_s",

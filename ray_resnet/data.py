@@ -340,12 +340,25 @@ def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
 
 
-def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [B,3,H,W] (any device) -> float32 scaled to [0,1] then standardised by IMAGENET_MEAN/STD."""
+def normalize(images_uint8: torch.Tensor, pixel_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [B,3,H,W] (any device) -> float32 scaled to [0,1], then minus `pixel_mean` (a mean image [3,H,W] on
+    that scale, from `mean_image`) or, without one, standardised by IMAGENET_MEAN/STD."""
     if images_uint8.dtype != torch.uint8:
         raise TypeError(f"normalize expects uint8 images, got {images_uint8.dtype}")
+    if pixel_mean is not None:
+        return images_uint8.float() / 255 - pixel_mean
     mean, std = _mean_std(images_uint8.device)
     return (images_uint8.float() / 255 - mean) / std
+
+
+def mean_image(images_uint8: torch.Tensor, indices: torch.Tensor, chunk: int = 5000) -> torch.Tensor:
+    """The mean of images[indices] per pixel and channel, float32 [3,H,W] on [0,1], on the images' device.
+
+    Summed in float64 over fixed chunks, so every rank that passes the same indices gets the same bits."""
+    total = torch.zeros(images_uint8.shape[1:], dtype=torch.float64, device=images_uint8.device)
+    for part in indices.to(images_uint8.device).split(chunk):
+        total += images_uint8[part].sum(0, dtype=torch.float64)
+    return (total / (255 * max(len(indices), 1))).float()
 
 
 def augment(
@@ -356,8 +369,10 @@ def augment(
     erase_p: float = 0.25,
     global_count: int | None = None,
     offset: int = 0,
+    pixel_mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample pad+random-crop, horizontal flip, normalize, random erasing; all batched.
+    """Per-sample pad+random-crop, horizontal flip, normalize (by `pixel_mean` if given), random erasing; all
+    batched.
 
     uint8 [B,3,H,W] -> float32 [B,3,H,W]. ``generator`` must live on the images' device; the
     output is a deterministic function of its state. Erasing follows torchvision's
@@ -387,7 +402,7 @@ def augment(
     cols = torch.where(flip, width - 1 - xs, xs) + dx  # [B, W]
     flat_index = (rows[:, :, None] * padded_width + cols[:, None, :]).view(batch, 1, height * width)
     cropped = padded.flatten(2).gather(2, flat_index.expand(batch, channels, -1))
-    out = normalize(cropped.view(batch, channels, height, width))
+    out = normalize(cropped.view(batch, channels, height, width), pixel_mean)
 
     # Random erasing, torchvision's rejection sampling with all attempts drawn at once:
     # area ~ U(scale) x image area (pixels), log aspect ~ U(log ratio); the first attempt whose

@@ -20,8 +20,10 @@ from .data import Step, augment, normalize
 
 
 def lr_at(epoch: float, base_lr: float, schedule: ScheduleConfig) -> float:
-    """Learning rate at a (fractional) epoch: linear warmup from warmup_start_lr, then step decay."""
+    """Learning rate at a (fractional) epoch: warmup from warmup_start_lr (linear, or constant), then step decay."""
     if epoch < schedule.warmup_epochs:
+        if schedule.warmup == "constant":
+            return schedule.warmup_start_lr
         return schedule.warmup_start_lr + (base_lr - schedule.warmup_start_lr) * epoch / schedule.warmup_epochs
     return base_lr * schedule.gamma ** sum(epoch >= m for m in schedule.milestones)
 
@@ -88,11 +90,13 @@ def _indices_on(device: torch.device, batches: Sequence[torch.Tensor]) -> tuple[
 
 
 def _prepare(images_u8: torch.Tensor, device: torch.device, channels_last: bool, step: Step | None = None,
-             generator: torch.Generator | None = None, erase_p: float = 0.0) -> torch.Tensor:
-    """Normalised images on `device`; augmented as rows of `step`'s global batch when training."""
+             generator: torch.Generator | None = None, erase_p: float = 0.0,
+             pixel_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised images on `device` (by `pixel_mean`, else ImageNet's statistics); augmented as rows of `step`'s
+    global batch when training."""
     x = images_u8.to(device, non_blocking=True)
-    x = normalize(x) if step is None else augment(x, generator, erase_p=erase_p, global_count=step.global_count,
-                                                   offset=step.offset)
+    x = normalize(x, pixel_mean) if step is None else augment(
+        x, generator, erase_p=erase_p, global_count=step.global_count, offset=step.offset, pixel_mean=pixel_mean)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
@@ -110,6 +114,7 @@ def train_one_epoch(
     channels_last: bool = True,
     amp: str = "auto",
     world_size: int = 1,
+    pixel_mean: torch.Tensor | None = None,
     on_step: Callable[[int, int, torch.Tensor, float], None] | None = None,
 ) -> dict[str, float]:
     """One pass over `steps` (from data.epoch_batches). `images` are uint8 [N,3,32,32] on any device. Every rank
@@ -129,7 +134,7 @@ def train_one_epoch(
     start = time.perf_counter()
     for i, (idx, step) in enumerate(zip(_indices_on(images.device, [step.indices for step in steps]), steps)):
         global_count = step.global_count
-        x = _prepare(images[idx], device, channels_last, step, generator, erase_p)
+        x = _prepare(images[idx], device, channels_last, step, generator, erase_p, pixel_mean)
         y = labels[idx].to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x)
@@ -165,6 +170,7 @@ def evaluate(
     batch_size: int = 500,
     channels_last: bool = True,
     amp: str = "fp32",
+    pixel_mean: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Top-1 accuracy (%) and mean cross-entropy over `indices` (this rank's shard; default all), summed over ranks.
 
@@ -181,7 +187,7 @@ def evaluate(
     correct = torch.zeros((), device=device, dtype=torch.long)
     start = time.perf_counter()
     for chunk in _indices_on(images.device, indices.split(batch_size)):
-        x = _prepare(images[chunk], device, channels_last)
+        x = _prepare(images[chunk], device, channels_last, pixel_mean=pixel_mean)
         y = labels[chunk].to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x)

@@ -21,7 +21,7 @@ from .checkpoint import Progress, training_state
 from .config import Config, to_dict
 from .batchnorm import use_global_batchnorm
 from .constants import NUM_CLASSES
-from .data import epoch_batches, eval_shard, take_subset
+from .data import epoch_batches, eval_shard, mean_image, take_subset
 from .engine import compile_model, evaluate, make_optimizer, make_scheduler, train_one_epoch
 from .models import build_model
 
@@ -35,14 +35,33 @@ class Splits:
     train_labels: torch.Tensor
     test_images: torch.Tensor
     test_labels: torch.Tensor
-    train_index: torch.Tensor  # sorted indices into train_*: data.train_subset, or all
+    train_index: torch.Tensor  # sorted indices into train_*: data.train_subset, or all (but the val split)
     test_index: torch.Tensor
+    val_index: torch.Tensor | None = None  # sorted indices into train_*, disjoint from train_index; None: no split
+    pixel_mean: torch.Tensor | None = None  # data.normalize pixel_mean: the mean image of train_index's images
 
 
 def select_splits(cfg: Config, arrays: dict[str, torch.Tensor]) -> Splits:
-    """`arrays` ({train,test}_{images,labels}, as data.load_cifar gives them) with the run's subsets chosen."""
-    return Splits(**arrays, train_index=take_subset(arrays["train_labels"], cfg.data.train_subset, cfg.seed),
+    """`arrays` ({train,test}_{images,labels}, as data.load_cifar gives them) with the run's subsets chosen.
+
+    The val split is drawn from the whole training set first, so it is the same with or without data.train_subset,
+    which then picks from the rest. Everything depends on the seed only: every rank chooses the same."""
+    labels = arrays["train_labels"].cpu()  # indices live on the CPU, as epoch_batches' do
+    val_index, pool = None, torch.arange(len(labels))
+    if cfg.data.val_split is not None:
+        val_index = take_subset(labels, cfg.data.val_split, cfg.seed)
+        keep = torch.ones(len(labels), dtype=torch.bool)
+        keep[val_index] = False
+        pool = pool[keep]
+    train_index = pool[take_subset(labels[pool], cfg.data.train_subset, cfg.seed)]
+    pixel_mean = mean_image(arrays["train_images"], train_index) if cfg.data.normalize == "pixel_mean" else None
+    return Splits(**arrays, train_index=train_index, val_index=val_index, pixel_mean=pixel_mean,
                   test_index=take_subset(arrays["test_labels"], cfg.data.test_subset, cfg.seed))
+
+
+def selection_metric(cfg: Config) -> str:
+    """The epoch metric best/ follows: validation accuracy with a val split, else test accuracy."""
+    return "val_acc" if cfg.data.val_split is not None else "test_acc"
 
 
 @dataclass
@@ -65,7 +84,8 @@ class Hooks:
 
     def checkpoint_due(self, state: Callable[[], dict], *, latest: bool, best: bool) -> None:
         """After an epoch whose state should be kept: `latest` every run.checkpoint_every epochs and after the
-        last, `best` when the test accuracy is the best so far. `state()` builds the checkpoint's contents."""
+        last, `best` when the validation accuracy (without a val split: the test accuracy) is the best so far.
+        `state()` builds the checkpoint's contents."""
 
     def epoch_end(self, metrics: dict) -> None:
         """After every epoch (after checkpoint_due): its metrics, the same on every rank."""
@@ -123,17 +143,26 @@ def run_epoch(cfg: Config, training: Training, data: Splits, epoch: int, rank: i
         training.model, training.optimizer, training.scheduler, data.train_images, data.train_labels, steps,
         epoch_generator(cfg.seed, epoch, data.train_images.device),
         label_smoothing=cfg.optim.label_smoothing, erase_p=cfg.data.erase_p,
-        channels_last=cfg.perf.channels_last, amp=cfg.perf.amp, world_size=world, on_step=step_end,
+        channels_last=cfg.perf.channels_last, amp=cfg.perf.amp, world_size=world, pixel_mean=data.pixel_mean,
+        on_step=step_end,
     )
     if world > 1:  # evaluate rank 0's BN statistics everywhere (with per-worker BN they differ): the checkpoint's
         for buffer in training.core.buffers():
             dist.broadcast(buffer, 0)
-    test = evaluate(training.core, data.test_images, data.test_labels,
-                    data.test_index[eval_shard(len(data.test_index), world, rank)],
-                    batch_size=cfg.perf.eval_batch_size, channels_last=cfg.perf.channels_last)
-    return {"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train["acc"], "test_loss": test["loss"],
-            "test_acc": test["acc"], "lr": train["lr"], "train_images_per_s": train["images_per_s"],
-            "test_images_per_s": test["images_per_s"], "epoch_time_s": time.perf_counter() - start}
+
+    def evaluate_on(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> dict:  # sharded over ranks
+        return evaluate(training.core, images, labels, index[eval_shard(len(index), world, rank)],
+                        batch_size=cfg.perf.eval_batch_size, channels_last=cfg.perf.channels_last,
+                        pixel_mean=data.pixel_mean)
+    val = {}
+    if data.val_index is not None:
+        scores = evaluate_on(data.train_images, data.train_labels, data.val_index)
+        val = {"val_loss": scores["loss"], "val_acc": scores["acc"]}
+    test = evaluate_on(data.test_images, data.test_labels, data.test_index)
+    return {"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train["acc"], **val,
+            "test_loss": test["loss"], "test_acc": test["acc"], "lr": train["lr"],
+            "train_images_per_s": train["images_per_s"], "test_images_per_s": test["images_per_s"],
+            "epoch_time_s": time.perf_counter() - start}
 
 
 def fit(cfg: Config, training: Training, data: Splits, *, rank: int = 0, world: int = 1,
@@ -143,22 +172,23 @@ def fit(cfg: Config, training: Training, data: Splits, *, rank: int = 0, world: 
     Returns Diverged if the loss became NaN/inf. Every rank sees the same all-reduced loss, so all stop together.
     """
     progress = progress or Progress()
-    config = to_dict(cfg)
+    config, select = to_dict(cfg), selection_metric(cfg)
     for epoch in range(progress.epoch, cfg.schedule.epochs):
         metrics = run_epoch(cfg, training, data, epoch, rank, world, hooks)
         if not math.isfinite(metrics["train_loss"]):
             return Diverged(metrics["train_loss"], metrics["epoch"])
-        is_best = metrics["test_acc"] > progress.best_test_acc
+        is_best = metrics[select] > progress.best_score(select)
         progress.epoch = metrics["epoch"]
-        metrics.update(best_test_acc=max(progress.best_test_acc, metrics["test_acc"]),
-                       best_epoch=progress.epoch if is_best else progress.best_epoch)
         if is_best:
             progress.new_best(training.core, metrics)
+        # best_test_acc: the test accuracy of best/'s epoch (the highest one when best/ is selected on the test set)
+        metrics.update(best_epoch=progress.best_epoch, best_test_acc=progress.best_test_acc,
+                       **({"best_val_acc": progress.best_val_acc} if select == "val_acc" else {}))
         latest = progress.epoch % cfg.run.checkpoint_every == 0 or progress.epoch == cfg.schedule.epochs
         if latest or is_best:
             def state() -> dict:  # built only where a hook saves it
                 return training_state(training.core, training.optimizer, training.scheduler, progress, config,
-                                      metrics)
+                                      metrics, data.pixel_mean)
 
             for hook in hooks:
                 hook.checkpoint_due(state, latest=latest, best=is_best)

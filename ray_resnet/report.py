@@ -1,4 +1,5 @@
-"""`ray-resnet report SWEEP_DIR`: the sweep's table beside the paper's Table 6, and Figure-6-style curves.
+"""`ray-resnet report SWEEP_DIR`: the sweep's table beside the paper's Table 6 (with a column per recipe when the
+sweep grids over `recipe`), and Figure-6-style curves.
 
 Pure: reads the run dirs a sweep wrote (config.yaml, result.json when finished, the per-epoch accuracies in tb/)
 and writes report.md, report.csv and curves.png into the sweep dir. Works on a partial sweep: finished
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import tempfile
 import statistics
 from dataclasses import dataclass, field
@@ -122,13 +124,15 @@ def summarize(runs: list[Run]) -> list[dict]:
         train_errors = [100 - r.curve[r.epoch]["train_acc"] for r in done if r.curve]
         mean, std = _mean_std(errors)
         paper = PAPER_ERROR.get(cfg.model) if cfg.data.dataset == "cifar10" else None
+        sem = None if std is None else std / math.sqrt(len(errors))
         rows.append({
             "group": group, "model": cfg.model, "params": params[key], "seeds": len(done),
             "unfinished": [f"{r.name} ({r.epoch}/{r.cfg.schedule.epochs} epochs)" for r in members
                            if not r.finished and not r.diverged],
             "diverged": [f"{r.name} (loss {r.diverged['diverged']['loss']} in epoch {r.diverged['diverged']['epoch']})"
                          for r in members if r.diverged],
-            "final_error_mean": mean, "final_error_std": std, "best_final_error": min(errors, default=None),
+            "final_error_mean": mean, "final_error_std": std, "final_error_sem": sem,
+            "best_final_error": min(errors, default=None),
             "final_train_error_mean": _mean_std(train_errors)[0],
             "paper_error": paper, "diff_vs_paper": None if mean is None or paper is None else mean - paper,
         })
@@ -163,9 +167,50 @@ def _markdown(sweep: dict, sweep_dir: str, runs: list[Run], rows: list[dict]) ->
     if diverged:
         lines += ["", "Diverged (training loss NaN/inf; not counted, not rerun by --resume): " + ", ".join(diverged)
                   + "."]
+    lines += _recipe_table(sweep, rows)
+    lines += _best_selection(runs)
     lines += _depth_trends(rows)
     lines += ["", "![test error vs epoch](curves.png)", ""]
     return "\n".join(lines)
+
+
+def _recipe_table(sweep: dict, rows: list[dict]) -> list[str]:
+    """With `recipe` among the swept keys: a column per recipe (final error, mean ± standard error over its
+    finished seeds, n) for each value of the other swept keys (e.g. each depth, shallow first), beside the paper's
+    Table 6. Recipes in the order the sweep lists them."""
+    keys = sweep["group_keys"]
+    if "recipe" not in keys:
+        return []
+    at = keys.index("recipe")
+    listed = (sweep.get("grid") or {}).get("recipe") or []
+    recipes = list(dict.fromkeys([*listed, *(row["group"][at] for row in rows)]))
+    others = [k for k in keys if k != "recipe"]
+    cells: dict[tuple, dict] = {}
+    for row in sorted(rows, key=lambda row: parse_model_name(row["model"])[0]):
+        cells.setdefault(row["group"][:at] + row["group"][at + 1:], {"model": row["model"]})[row["group"][at]] = row
+    lines = ["", "By recipe: final test error %, mean ± standard error over the finished seeds (n); the paper's "
+             "Table 6 gives single runs, and for ResNet-110 its best of 5 with mean ± std in brackets.", "",
+             "| " + " | ".join([*others, *recipes, "paper (Table 6)"]) + " |",
+             "|" + "---|" * (len(others) + len(recipes) + 1)]
+    for rest, by_recipe in cells.items():
+        shown = []
+        for recipe in recipes:
+            row = by_recipe.get(recipe)
+            shown.append("—" if not row or row["final_error_mean"] is None else
+                         f"{_fmt(row['final_error_mean'])} ± {_fmt(row['final_error_sem'])} (n={row['seeds']})")
+        model = by_recipe["model"]
+        lines.append("| " + " | ".join([*(str(v) for v in rest), *shown,
+                                        PAPER_NOTE.get(model, _fmt(PAPER_ERROR.get(model)))]) + " |")
+    return lines
+
+
+def _best_selection(runs: list[Run]) -> list[str]:
+    """Says plainly which finished runs chose best/ on the test set (no data.val_split)."""
+    on_test = [r.name for r in runs if r.finished and r.cfg.data.val_split is None]
+    if not on_test:
+        return []
+    return ["", f"best/ of {len(on_test)} finished run(s) was selected on the test set (no data.val_split), an "
+            "optimistic estimate; the tables use the final errors only."]
 
 
 def _depth_trends(rows: list[dict]) -> list[str]:
@@ -234,7 +279,7 @@ def write_report(sweep_dir: str) -> dict[str, str]:
     text = _markdown(sweep, sweep_dir, runs, rows)
     write_text(paths["markdown"], text)
     table = io.StringIO()
-    columns = ["params", "seeds", "final_error_mean", "final_error_std", "best_final_error",
+    columns = ["params", "seeds", "final_error_mean", "final_error_std", "final_error_sem", "best_final_error",
                "final_train_error_mean", "paper_error", "diff_vs_paper", "unfinished", "diverged"]
     writer = csv.writer(table)
     writer.writerow([*sweep["group_keys"], *columns])

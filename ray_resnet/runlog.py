@@ -45,8 +45,9 @@ def hms(seconds: float) -> str:
 
 def epoch_line(metrics: dict, epochs: int) -> str:
     done = metrics["epoch"]
+    val = f"val acc {metrics['val_acc']:5.2f}%  " if "val_acc" in metrics else ""
     return (f"epoch {done:>3}/{epochs}  train loss {metrics['train_loss']:.3f} acc {metrics['train_acc']:5.2f}%  "
-            f"test loss {metrics['test_loss']:.3f} acc {metrics['test_acc']:5.2f}%  lr {metrics['lr']:.4g}  "
+            f"{val}test loss {metrics['test_loss']:.3f} acc {metrics['test_acc']:5.2f}%  lr {metrics['lr']:.4g}  "
             f"{metrics['train_images_per_s']:,.0f} img/s  {metrics['epoch_time_s']:.0f}s  "
             f"ETA {hms(metrics['epoch_time_s'] * (epochs - done))}")
 
@@ -131,7 +132,8 @@ class RunLog(Hooks):
 
     def epoch_end(self, metrics: dict) -> None:
         for key, tag in TB_TAGS.items():
-            self.writer.add_scalar(tag, metrics[key], metrics["epoch"])
+            if key in metrics:  # val/* only with a val split
+                self.writer.add_scalar(tag, metrics[key], metrics["epoch"])
         self.writer.flush()
         if self.local != self.tb_dir:
             self._mirror()
@@ -163,8 +165,9 @@ class RunLog(Hooks):
               "dataset": cfg.data.dataset, "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay,
               "batch_size": cfg.optim.batch_size, "epochs": cfg.schedule.epochs, "num_workers":
               cfg.run.workers_text if cfg.run.elastic else cfg.run.num_workers,
-              "batchnorm": cfg.batchnorm, **extra}
-        results = {"hparam/final_test_acc": metrics["test_acc"], "hparam/best_test_acc": metrics["best_test_acc"]}
+              "batchnorm": cfg.batchnorm, "recipe": cfg.recipe, **extra}
+        results = {"hparam/final_test_acc": metrics["test_acc"], "hparam/best_test_acc": metrics["best_test_acc"],
+                   **({"hparam/best_val_acc": metrics["best_val_acc"]} if "best_val_acc" in metrics else {})}
         for summary in hparams(hp, results):
             self.writer.file_writer.add_summary(summary)
         for tag, value in results.items():

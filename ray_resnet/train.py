@@ -32,7 +32,7 @@ from .constants import BEST_DIR, TB_DIR
 from .data import load_cifar
 from .errors import ConfigError, RunError, UserError
 from .failures import fit_or_explain
-from .fit import Hooks, Splits, build_training, fit, select_splits, steps_per_epoch
+from .fit import Hooks, Splits, build_training, fit, select_splits, selection_metric, steps_per_epoch
 from .rundir import (check_resumable, diverged_error, previous_result, record_attempt, record_worker_group, resolve_run,
                      run_dir, write_config, write_result)
 from .runlog import RunLog, progress_every_s
@@ -58,7 +58,11 @@ def load_dataset(cfg: Config) -> dict[str, np.ndarray]:
 
 
 def check_split_fits(cfg: Config, num_train: int) -> None:
-    used, workers = min(cfg.data.train_subset or num_train, num_train), cfg.run.worker_range[1]
+    left, workers = num_train - (cfg.data.val_split or 0), cfg.run.worker_range[1]
+    if left < 1:
+        raise ConfigError(f"data.val_split={cfg.data.val_split} holds out all {num_train} training images under "
+                          f"{cfg.data.root}: hold out fewer")
+    used = min(cfg.data.train_subset or left, left)
     if used < workers:
         raise ConfigError(f"{used} training images cannot be split across run.num_workers={cfg.run.workers_text} "
                           "workers: use fewer workers or more data")
@@ -178,6 +182,15 @@ def _train_worker(loop_config: dict) -> dict | None:
     if log:
         log.close(training.params, None if outcome else loop_config["hparams"])
     return {"diverged": dataclasses.asdict(outcome)} if outcome else None
+
+
+def selection_summary(cfg: Config, metrics: dict) -> dict:
+    """How best/ was chosen, for result.json: on validation accuracy (with its value and the final one), or plainly
+    on the test set, so that its best_test_acc is an optimistic estimate."""
+    if selection_metric(cfg) == "test_acc":
+        return {"best_selected_on": "test set (no data.val_split: best_test_acc is optimistic)"}
+    return {"best_selected_on": f"validation set ({cfg.data.val_split} held-out training images)",
+            "best_val_acc": metrics.get("best_val_acc"), "final_val_acc": metrics.get("val_acc")}
 
 
 def _location(directory: str, checkpoint: ray.train.Checkpoint | None) -> str | None:
@@ -316,7 +329,8 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
         "name": cfg.run.name, "model": cfg.model, "dataset": cfg.data.dataset, "seed": cfg.seed,
         "params": metrics.get("params"), "epoch": metrics.get("epoch", 0), "epochs": cfg.schedule.epochs,
         "final_test_acc": metrics.get("test_acc"), "best_test_acc": metrics.get("best_test_acc"),
-        "best_epoch": metrics.get("best_epoch"), "wall_time_s": round(time.perf_counter() - start, 1),
+        "best_epoch": metrics.get("best_epoch"), **selection_summary(cfg, metrics),
+        "wall_time_s": round(time.perf_counter() - start, 1),
         "run_dir": directory, "checkpoint": _location(directory, result.checkpoint),
         "best_checkpoint": storage.join(directory, BEST_DIR), "worker_nodes": metrics.get("worker_nodes"),
         "status": "diverged" if "diverged" in stop else "finished", **stop,

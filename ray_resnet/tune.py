@@ -6,7 +6,8 @@ A sweep file (configs/sweep_*.yaml) holds:
   grid            dotted config key -> list of values; every combination is a trial
   search          dotted config key -> {uniform|loguniform|randint: [low, high]} or {choice: [...]}
   num_samples     draws of `search` per grid point (default 1)
-  scheduler       {asha: {grace_period: epochs, reduction_factor: r}}: stop weak trials early on test accuracy
+  scheduler       {asha: {grace_period: epochs, reduction_factor: r}}: stop weak trials early on validation
+                  accuracy (test accuracy unless every trial sets data.val_split)
   resources       workers_per_trial, cpus_per_worker, gpus_per_worker (fractions share a GPU), max_concurrent_trials
 
 Every trial is one Ray Train run (config.yaml, checkpoints, best/, tb/, result.json) in <sweep dir>/<trial name>/,
@@ -35,7 +36,7 @@ from .errors import ConfigError, DivergedError, RunError, SweepError
 from .rundir import is_finished
 from .report import trial_dirs
 
-METRIC, MODE = "test_acc", "max"
+MODE = "max"  # of the metric trials are compared on (see tune_metric)
 TOP_KEYS = ("name", "storage", "config", "grid", "search", "num_samples", "scheduler", "resources")
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 ASHA_KEYS = ("grace_period", "reduction_factor")
@@ -207,6 +208,14 @@ def _parse_scheduler(raw: Any) -> dict | None:
     if not isinstance(asha["reduction_factor"], (int, float)) or asha["reduction_factor"] <= 1:
         raise SweepError(f"scheduler.asha.reduction_factor: expected a number > 1, got {asha['reduction_factor']!r}")
     return asha
+
+
+def tune_metric(sweep: Sweep) -> str:
+    """What Tune (and ASHA) compares trials on: validation accuracy when every trial holds out a val split, else test
+    accuracy (the only score all trials report)."""
+    from .fit import selection_metric
+
+    return "val_acc" if all(selection_metric(c) == "val_acc" for c in grid_configs(sweep)) else "test_acc"
 
 
 def grid_configs(sweep: Sweep) -> list[Config]:
@@ -390,7 +399,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
             scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs + 1, **sweep.asha)
         tuner = tune.Tuner(
             trainable, param_space=_param_space(sweep),
-            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=sweep.num_samples,
+            tune_config=tune.TuneConfig(metric=tune_metric(sweep), mode=MODE, num_samples=sweep.num_samples,
                                         max_concurrent_trials=max_concurrent, scheduler=scheduler,
                                         trial_dirname_creator=TrialDirname(sweep)),
             run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.storage, callbacks=[CSVLoggerCallback()],

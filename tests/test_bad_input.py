@@ -146,6 +146,14 @@ CASES = {
     "seed -1": (_set("seed=-1"), "seed >= 0"),
     "train_subset 0": (_set("data.train_subset=0"), "train_subset >= 1"),
     "max_failures -2": (_set("run.max_failures=-2"), "max_failures >= -1"),
+    "val_split 0": (_set("data.val_split=0"), "val_split >= 1"),
+    "recipe typo": (_set("recipe=he2015"), "recipe: expected 'timm' | 'paper' | 'reproduction', got 'he2015'"),
+    "normalize typo": (_set("data.normalize=cifar"), "data.normalize: expected 'imagenet' | 'pixel_mean'"),
+    "warmup typo": (_set("schedule.warmup=cosine"), "schedule.warmup: expected 'linear' | 'constant'"),
+    "val_split > dataset": (_set("data.val_split=50000"), "data.val_split=50000 leaves fewer training images than "
+                                                         "run.num_workers=1 workers of the 50,000 in cifar10"),
+    "val_split > data": (lambda w: _train(w, "--name", "val40", "--set", "data.val_split=40"),
+                         "data.val_split=40 holds out all 40 training images under"),
     # rules between keys
     "warmup > epochs": (_set("schedule.warmup_epochs=3"), "warmup_epochs=3 is longer than schedule.epochs=1"),
     "milestones order": (_set("schedule.epochs=200", "schedule.milestones=[150, 100]"), "must increase strictly"),

@@ -25,9 +25,54 @@ def test_shipped_depth_configs_only_change_the_model(depth):
 
 
 def test_every_shipped_config_loads():
-    for path in CONFIGS.glob("*.yaml"):
+    for path in CONFIGS.glob("**/*.yaml"):
         if not path.name.startswith("sweep_"):
             load_config(path)
+
+
+def test_the_timm_recipe_is_the_defaults():
+    assert Config().recipe == "timm" and from_dict({"recipe": "timm"}) == Config()
+    assert (Config().data.normalize, Config().data.val_split, Config().schedule.warmup) == ("imagenet", None, "linear")
+
+
+@pytest.mark.parametrize("depth", [20, 32, 44, 56, 110, 1202])
+def test_paper_configs_hold_the_papers_recipe_on_its_45k_5k_split(depth):
+    cfg = load_config(CONFIGS / "paper" / f"cifar10_resnet{depth}.yaml")
+    assert (cfg.recipe, cfg.model, cfg.data.val_split) == ("paper", f"resnet{depth}", 5000)
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.batch_size) == (0.1, 0.9, 1e-4, 128)
+    assert (cfg.optim.label_smoothing, cfg.data.erase_p, cfg.data.normalize) == (0, 0, "pixel_mean")
+    steps = 352  # ceil(45000 / 128)
+    assert cfg.schedule.milestones == pytest.approx((32_000 / steps, 48_000 / steps))
+    assert cfg.schedule.epochs == 182  # ceil(64000 / 352): 64,064 iterations
+    assert cfg.schedule.warmup == "constant" and cfg.schedule.warmup_start_lr == 0.01
+    assert cfg.schedule.warmup_epochs == (pytest.approx(400 / steps) if depth >= 110 else 0)
+
+
+@pytest.mark.parametrize("depth", [20, 32, 44, 56, 110, 1202])
+def test_reproduction_configs_hold_its_recipe(depth):
+    cfg = load_config(CONFIGS / "reproduction" / f"cifar10_resnet{depth}.yaml")
+    assert (cfg.recipe, cfg.data.val_split, cfg.data.normalize) == ("reproduction", None, "imagenet")
+    assert (cfg.optim.label_smoothing, cfg.data.erase_p) == (0, 0)
+    assert (cfg.schedule.epochs, cfg.schedule.milestones) == (200, (100, 150))
+    assert (cfg.schedule.warmup, cfg.schedule.warmup_start_lr) == ("constant", 0.01)
+    assert cfg.schedule.warmup_epochs == (1 if depth >= 110 else 0)
+
+
+def test_the_paper_recipe_counts_iterations_of_the_training_set_in_use():
+    whole = from_dict({"recipe": "paper"})  # 50k images: 391 steps per epoch
+    assert whole.schedule.milestones == pytest.approx((32_000 / 391, 48_000 / 391)) and whole.schedule.epochs == 164
+    subset = from_dict({"recipe": "paper", "data": {"val_split": 5000, "train_subset": 12_800}, "model": "resnet110"})
+    assert subset.schedule.milestones == (320, 480) and subset.schedule.epochs == 640  # 100 steps per epoch
+    assert subset.schedule.warmup_epochs == 4
+
+
+def test_keys_set_over_a_recipe_win_and_the_resolved_tree_reloads(tmp_path):
+    cfg = load_config(CONFIGS / "paper" / "cifar10_resnet110.yaml", ["schedule.epochs=200", "data.erase_p=0.5"])
+    assert (cfg.schedule.epochs, cfg.data.erase_p, cfg.data.normalize) == (200, 0.5, "pixel_mean")
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    # the preset follows the model wherever it is set, e.g. by a sweep's grid
+    assert from_dict({"recipe": "paper", "model": "resnet20"}).schedule.warmup_epochs == 0
 
 
 def test_set_overrides_parse_yaml_values():

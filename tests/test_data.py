@@ -20,6 +20,7 @@ from ray_resnet.data import (
     epoch_batches,
     eval_shard,
     load_cifar,
+    mean_image,
     normalize,
     take_subset,
 )
@@ -310,6 +311,16 @@ def test_normalize_matches_torchvision():
     torch.testing.assert_close(out, reference(images), atol=1e-5, rtol=0)
     with pytest.raises(TypeError):
         normalize(out)
+
+
+def test_pixel_mean_normalisation_subtracts_the_mean_image_and_nothing_else():
+    images = random_cifar(16, seed=21)[0]
+    mean = mean_image(images, torch.tensor([0, 3, 5]), chunk=2)  # summed in chunks: the same as at once
+    torch.testing.assert_close(mean, images[[0, 3, 5]].double().mean(0).float() / 255)
+    torch.testing.assert_close(normalize(images, mean), images.float() / 255 - mean)
+    # augmented images take the same normalisation: without crop, flip and erasing they are just normalised
+    plain = augment(images, _gen(0), pad=0, flip_p=0, erase_p=0, pixel_mean=mean)
+    assert torch.equal(plain, normalize(images, mean))
 
 
 def _gen(seed):

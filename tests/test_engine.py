@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ray_resnet.config import OptimConfig, ScheduleConfig
+from ray_resnet.config import OptimConfig, ScheduleConfig, load_config
+from ray_resnet.fit import steps_per_epoch
 from ray_resnet.data import epoch_batches
 from ray_resnet.engine import evaluate, lr_at, make_optimizer, make_scheduler, train_one_epoch
 from ray_resnet.models import build_model
@@ -35,6 +36,27 @@ def test_scheduler_steps_per_iteration():
     assert seen[0] == pytest.approx(1e-5)
     assert seen[0.5] == pytest.approx(lr_at((steps_per_epoch // 2) / steps_per_epoch, 0.1, RECIPE))
     assert seen[10] == pytest.approx(0.1) and seen[100] == pytest.approx(0.01) and seen[150] == pytest.approx(0.001)
+
+
+CONFIGS = __import__("pathlib").Path(__file__).parents[1] / "configs"
+
+
+@pytest.mark.parametrize("depth, warmup_lr", [(20, 0.1), (110, 0.01)])
+def test_paper_configs_give_the_papers_lr_at_its_iterations(depth, warmup_lr):
+    cfg = load_config(CONFIGS / "paper" / f"cifar10_resnet{depth}.yaml")
+    steps = steps_per_epoch(cfg, 45_000, world=1)  # the training images left by the 5k val split
+    assert steps == 352
+    lr = make_scheduler(make_optimizer(torch.nn.Linear(2, 2), cfg.optim), cfg.optim.lr, cfg.schedule, steps).lr_lambdas[0]
+    at = {it: lr(it) * cfg.optim.lr for it in (0, 399, 400, 31_999, 32_000, 47_999, 48_000)}
+    assert at == pytest.approx({0: warmup_lr, 399: warmup_lr, 400: 0.1, 31_999: 0.1, 32_000: 0.01, 47_999: 0.01,
+                                48_000: 0.001})
+    assert cfg.schedule.epochs * steps >= 64_000 > (cfg.schedule.epochs - 1) * steps  # stops at 64k, in whole epochs
+
+
+def test_a_constant_warmup_holds_its_lr_until_it_ends():
+    schedule = ScheduleConfig(warmup="constant", warmup_epochs=1, warmup_start_lr=0.01)
+    assert [lr_at(e, 0.1, schedule) for e in (0, 0.5, 0.999, 1, 99.9, 100)] == pytest.approx(
+        [0.01, 0.01, 0.01, 0.1, 0.1, 0.01])
 
 
 def _tiny_data(n=96, seed=0):

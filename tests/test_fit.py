@@ -7,6 +7,7 @@ import torch
 from fixtures import colour_coded_cifar
 from ray_resnet.checkpoint import best_checkpoint, load_checkpoint, restore_training_state, save_checkpoint, sync_best
 from ray_resnet.config import load_config
+from ray_resnet.data import eval_shard
 from ray_resnet.fit import Diverged, Hooks, build_training, fit, select_splits, steps_per_epoch
 
 CPU = torch.device("cpu")
@@ -121,3 +122,93 @@ def test_a_later_checkpoint_still_holds_the_best_epochs_model():
     if best_epoch in hook.states:  # the best epoch's own checkpoint: the same weights
         for key, value in hook.states[best_epoch]["model"].items():
             assert torch.equal(last["best"]["model"][key], value)
+
+
+def _arrays(n=200):
+    (train_images, train_labels), (test_images, test_labels) = colour_coded_cifar(n, 0), colour_coded_cifar(40, 1)
+    return {"train_images": train_images, "train_labels": train_labels, "test_images": test_images,
+            "test_labels": test_labels}
+
+
+def test_the_val_split_is_disjoint_class_balanced_and_chosen_by_the_seed_alone():
+    arrays = _arrays()
+    data = select_splits(_cfg("data.val_split=50"), arrays)
+    val, train = set(data.val_index.tolist()), set(data.train_index.tolist())
+    assert len(val) == 50 and not val & train and len(val | train) == 200  # the rest trains
+    assert torch.bincount(arrays["train_labels"][data.val_index]).tolist() == [5] * 10
+    # what a rank evaluates does not change the split: every world size covers it exactly once
+    for world in (1, 2, 3):
+        again = select_splits(_cfg("data.val_split=50"), arrays)
+        shards = [again.val_index[eval_shard(len(again.val_index), world, r)] for r in range(world)]
+        assert torch.equal(torch.cat(shards), data.val_index)
+    # data.train_subset picks from what the split leaves; the split stays the same
+    subset = select_splits(_cfg("data.val_split=50", "data.train_subset=60"), arrays)
+    assert torch.equal(subset.val_index, data.val_index) and len(subset.train_index) == 60
+    assert not set(subset.train_index.tolist()) & val
+    other = select_splits(_cfg("data.val_split=50", "seed=1"), arrays)
+    assert not torch.equal(other.val_index, data.val_index)
+    assert select_splits(_cfg(), arrays).val_index is None
+
+
+def test_the_pixel_mean_is_the_mean_image_of_the_training_images_only():
+    arrays = _arrays()
+    cfg = _cfg("data.val_split=50", "data.normalize=pixel_mean")
+    data = select_splits(cfg, arrays)
+    expected = arrays["train_images"][data.train_index].double().mean(0) / 255
+    torch.testing.assert_close(data.pixel_mean, expected.float())
+    assert data.pixel_mean.shape == (3, 32, 32) and data.pixel_mean.dtype == torch.float32
+    changed = {**arrays, "train_images": arrays["train_images"].clone(),
+               "test_images": torch.full_like(arrays["test_images"], 255)}
+    changed["train_images"][data.val_index] = 255  # neither val nor test images enter the mean
+    assert torch.equal(select_splits(cfg, changed).pixel_mean, data.pixel_mean)
+    assert select_splits(_cfg(), arrays).pixel_mean is None
+
+
+def test_best_follows_validation_accuracy_and_keeps_its_test_accuracy():
+    arrays = _arrays(160)
+    arrays["test_labels"] = arrays["test_labels"][torch.randperm(40, generator=torch.Generator().manual_seed(0))]
+    cfg = _cfg("schedule.epochs=4", "data.val_split=40", "data.normalize=pixel_mean", "optim.lr=0.02")
+    data = select_splits(cfg, arrays)
+    hook, epochs = Recorder(), []
+    hook.epoch_end = lambda metrics: epochs.append(metrics)
+    fit(cfg, _training(cfg, data), data, hooks=[hook])
+    best = max(epochs, key=lambda m: (m["val_acc"], -m["epoch"]))  # the first epoch of the highest val acc
+    last = epochs[-1]
+    assert (last["best_epoch"], last["best_val_acc"], last["best_test_acc"]) == (
+        best["epoch"], best["val_acc"], best["test_acc"])
+    new_bests = [e[1] for e in hook.events if e[0] == "checkpoint" and e[3]]
+    assert new_bests == [m["epoch"] for i, m in enumerate(epochs)
+                         if m["val_acc"] > max([0.0] + [p["val_acc"] for p in epochs[:i]])]
+    state = hook.states[4]
+    assert torch.equal(state["pixel_mean"], data.pixel_mean) and best_checkpoint(state)["best_val_acc"] == best["val_acc"]
+
+
+def test_checkpoints_from_before_val_splits_resume():
+    cfg = _cfg("schedule.epochs=1")
+    data = _data(cfg)
+    hook = Recorder()
+    fit(cfg, _training(cfg, data), data, hooks=[hook])
+    old = {k: v for k, v in hook.states[1].items() if k not in ("best_val_acc", "pixel_mean")}
+    resumed = _training(cfg, data)
+    progress = restore_training_state(old, resumed.core, resumed.optimizer, resumed.scheduler)
+    assert (progress.best_val_acc, progress.best_test_acc) == (0.0, hook.states[1]["best_test_acc"])
+
+
+def test_eval_of_a_pixel_mean_run_normalises_as_training_did(tmp_path, cache_dir, capsys):
+    import json
+
+    from fixtures import write_parquet_cifar
+    from ray_resnet import cli
+
+    arrays = _arrays(160)
+    write_parquet_cifar(tmp_path / "cifar", arrays["test_images"], arrays["test_labels"], "test")
+    cfg = _cfg("schedule.epochs=1", "data.val_split=40", "data.normalize=pixel_mean", f"data.root={tmp_path / 'cifar'}")
+    data = select_splits(cfg, arrays)
+    hook = Recorder()
+    fit(cfg, _training(cfg, data), data, hooks=[hook])
+    save_checkpoint(best_checkpoint(hook.states[1]), tmp_path / "best")
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "best"), "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["acc"] == pytest.approx(hook.states[1]["metrics"]["test_acc"], abs=2.6)  # <= 1 of 40 flips
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "best")]) == 0
+    assert "the highest validation accuracy during training, on 40 held-out training images" in capsys.readouterr().out

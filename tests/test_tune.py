@@ -17,7 +17,7 @@ from ray_resnet import cli
 from ray_resnet.report import read_runs
 from ray_resnet.errors import SweepError
 from ray_resnet.train import load_dataset
-from ray_resnet.tune import _max_concurrent, grid_configs, load_sweep, run_sweep, trial_count, trial_name
+from ray_resnet.tune import _max_concurrent, grid_configs, load_sweep, run_sweep, trial_count, trial_name, tune_metric
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 # Tiny trials: 1 CPU each so two run at once on the 2-CPU test cluster.
@@ -52,12 +52,27 @@ def _object_store_bytes_created() -> int:
     return reply.store_stats.cumulative_created_bytes
 
 
+def _scalar_tags(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in (run_dir / "tb").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    return tags
+
+
 def test_shipped_sweep_files_are_valid():
     table6 = load_sweep(CONFIGS / "sweep_table6.yaml")
     assert trial_count(table6) == 30 and table6.grid["model"][-1] == "resnet1202" and table6.asha is None
     assert table6.base["run"]["gpus_per_worker"] == 0.25
     lr_wd = load_sweep(CONFIGS / "sweep_lr_wd.yaml")
     assert trial_count(lr_wd) == 16 and set(lr_wd.search) == {"optim.lr", "optim.weight_decay"} and lr_wd.asha
+    recipes = load_sweep(CONFIGS / "sweep_recipes.yaml")
+    assert trial_count(recipes) == 75 and recipes.grid["recipe"] == ["timm", "paper", "reproduction"]
+    assert {c.data.val_split for c in grid_configs(recipes)} == {5000} and tune_metric(recipes) == "val_acc"
+    assert tune_metric(table6) == "test_acc"
     degradation = load_sweep(CONFIGS / "sweep_degradation.yaml")
     assert {"plain20", "plain56", "resnet20", "resnet56"} <= set(degradation.grid["model"])
 
@@ -224,15 +239,39 @@ def test_a_diverged_trial_is_reported_and_not_rerun_by_resume(real_cifar_small, 
            "(loss nan in epoch 1)" in capsys.readouterr().out
 
 
-def _fake_run(sweep_dir, model, seed, test_accs, train_accs, epochs):
+@pytest.mark.usefixtures("ray_local")
+def test_a_small_recipes_sweep_selects_on_validation_and_reports_a_column_per_recipe(real_cifar_small, tmp_path,
+                                                                                      capsys):
+    recipes = load_sweep(CONFIGS / "sweep_recipes.yaml")
+    file = _write(tmp_path / "recipes.yaml", {  # the shipped grid of recipes, on one depth, seed and tiny epoch
+        "name": "recipes", "config": {**TINY, "data": {**TINY["data"], "root": str(real_cifar_small), "val_split": 100}},
+        "grid": {"recipe": recipes.grid["recipe"], "model": ["resnet20"], "seed": [0]},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
+    })
+    assert cli.main(["sweep", "-c", str(file), "--storage", str(tmp_path / "sweeps")]) == 0
+    assert "3/3 trials finished" in capsys.readouterr().out
+    sweep_dir = tmp_path / "sweeps" / "recipes"
+    paper = json.loads((sweep_dir / "resnet20-s0-recipe=paper" / "result.json").read_text())
+    assert paper["best_selected_on"] == "validation set (100 held-out training images)"
+    assert 0 <= paper["best_val_acc"] <= 100 and paper["best_epoch"] == 1
+    assert (sweep_dir / "resnet20-s0-recipe=paper" / "best" / "checkpoint.pt").is_file()
+    assert {"val/acc", "val/loss", "test/acc"} <= _scalar_tags(sweep_dir / "resnet20-s0-recipe=paper")
+    assert cli.main(["report", str(sweep_dir)]) == 0
+    table = capsys.readouterr().out
+    assert "| model | timm | paper | reproduction | paper (Table 6) |" in table
+    assert "| resnet20 | " in table and table.count("(n=1)") == 3 and "selected on the test set" not in table
+
+
+def _fake_run(sweep_dir, model, seed, test_accs, train_accs, epochs, recipe="timm"):
     """A run dir as a sweep trial leaves it: config.yaml, tb/ per-epoch accuracies, result.json once finished."""
     from torch.utils.tensorboard import SummaryWriter
 
     from ray_resnet.config import from_dict, save_config
 
-    run_dir = sweep_dir / f"{model}-s{seed}"
+    run_dir = sweep_dir / (f"{model}-s{seed}" + ("" if recipe == "timm" else f"-recipe={recipe}"))
     run_dir.mkdir(parents=True)
-    save_config(from_dict({"model": model, "seed": seed, "schedule": {"epochs": epochs, "warmup_epochs": 0, "milestones": []}}),
+    save_config(from_dict({"model": model, "seed": seed, "recipe": recipe,
+                           "schedule": {"epochs": epochs, "warmup_epochs": 0, "milestones": []}}),
                 run_dir / "config.yaml")
     with SummaryWriter(str(run_dir / "tb")) as writer:
         for epoch, (test, train) in enumerate(zip(test_accs, train_accs), start=1):
@@ -272,6 +311,27 @@ def test_report_of_a_partial_degradation_sweep(tmp_path):
     import matplotlib.image
 
     assert matplotlib.image.imread(sweep_dir / "curves.png").shape[1] > 1000  # two panels: plain and ResNet
+
+
+def test_report_of_a_recipes_sweep_has_a_column_per_recipe(tmp_path):
+    sweep_dir = tmp_path / "recipes"
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(
+        {"name": "recipes", "grid": {"recipe": ["timm", "paper"], "model": ["resnet20", "resnet110"], "seed": [0, 1]}}))
+    # final test errors: timm resnet20 8/10, paper resnet20 9/9, timm resnet110 6 (s1 unfinished), paper resnet110 7/8
+    for recipe, model, seed, acc in [("timm", "resnet20", 0, 92), ("timm", "resnet20", 1, 90), ("paper", "resnet20", 0, 91),
+                                     ("paper", "resnet20", 1, 91), ("timm", "resnet110", 0, 94), ("paper", "resnet110", 0, 93),
+                                     ("paper", "resnet110", 1, 92)]:
+        _fake_run(sweep_dir, model, seed, [50, acc], [50, 99], 2, recipe)
+    _fake_run(sweep_dir, "resnet110", 1, [50], [50], 2, "timm")
+
+    assert cli.main(["report", str(sweep_dir)]) == 0
+    table = (sweep_dir / "report.md").read_text()
+    assert "| model | timm | paper | paper (Table 6) |" in table
+    assert "| resnet20 | 9.00 ± 1.00 (n=2) | 9.00 ± 0.00 (n=2) | 8.75 |" in table  # std / sqrt(n)
+    assert "| resnet110 | 6.00 ± — (n=1) | 7.50 ± 0.50 (n=2) | 6.43 (6.61 ± 0.16) |" in table
+    assert "| resnet20 | paper | 269,722 | 2 | 9.00 ± 0.00 |" in table  # the per-group table stays
+    assert "best/ of 7 finished run(s) was selected on the test set" in table
 
 
 def test_trial_names_tell_close_grid_values_apart(tmp_path):
