@@ -102,7 +102,8 @@ class ScheduleConfig:
 class PerfConfig:
     channels_last: bool = True  # 1.2-1.4x faster convolutions on CPU and on tensor-core GPUs
     # Training steps' precision. auto: bf16 autocast where the hardware multiplies bf16 natively (CUDA GPUs with
-    # bf16, CPUs with AMX: 1.2-2x faster on a 2-core Xeon), fp32 elsewhere. Evaluation is always fp32.
+    # bf16, CPUs with AMX: 1.7x faster on a 2-core Xeon, bench/PRECISION.md), fp32 elsewhere. Evaluation is always
+    # fp32.
     amp: Literal["auto", "fp32", "bf16"] = "auto"
     # larger batches overflow the CPU's L3 cache (2x slower per image at 1000)
     eval_batch_size: int = setting(500, "x >= 1")
