@@ -177,7 +177,8 @@ def fit(cfg: Config, training: Training, data: Splits, *, rank: int = 0, world: 
         metrics = run_epoch(cfg, training, data, epoch, rank, world, hooks)
         if not math.isfinite(metrics["train_loss"]):
             return Diverged(metrics["train_loss"], metrics["epoch"])
-        is_best = metrics[select] > progress.best_score(select)
+        # The first epoch is best whatever its score (0 % included), so a run dir always has a best/ to evaluate.
+        is_best = progress.best_epoch == 0 or metrics[select] > progress.best_score(select)
         progress.epoch = metrics["epoch"]
         if is_best:
             progress.new_best(training.core, metrics)

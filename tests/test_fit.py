@@ -62,6 +62,18 @@ def test_fit_calls_its_hooks_in_order_with_the_run_state():
     assert state["epoch"] == 3 and state["config"]["model"] == "resnet8" and state["metrics"]["epoch"] == 3
 
 
+def test_the_first_epoch_is_the_best_so_far_even_at_zero_accuracy():
+    cfg = _cfg("schedule.epochs=1", "data.train_subset=64")
+    data = _data(cfg)
+    data.train_labels = torch.zeros_like(data.train_labels)  # it learns "class 0"; every test image is class 9
+    data.test_labels = torch.full_like(data.test_labels, 9)
+    hook = Recorder()
+    fit(cfg, _training(cfg, data), data, hooks=[hook])
+    assert hook.last["test_acc"] == 0
+    assert [e for e in hook.events if e[0] == "checkpoint"] == [("checkpoint", 1, True, True)]
+    assert hook.last["best_epoch"] == 1
+
+
 def test_a_nan_loss_stops_the_loop_at_once():
     cfg = _cfg("schedule.epochs=3", "optim.lr=1e12")
     data = _data(cfg)
