@@ -92,11 +92,12 @@ def attempt(argv: list[str], num_workers: int | list[int]) -> dict:
             "driver": machine(), "worker_groups": []}
 
 
-def worker(rank: int, node_id: str, device: torch.device) -> dict:
-    """One rank's facts: its node, CPU, torch threads, and the GPU it trains on (None on CPU)."""
+def worker(rank: int, node_id: str, device: torch.device, precision: str) -> dict:
+    """One rank's facts: its node, CPU, torch threads, the GPU it trains on (None on CPU) and the precision of its
+    training steps (perf.amp auto resolves per machine)."""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {"rank": rank, "node_id": node_id, "host": socket.gethostname(), "cpu": cpu_model(),
-            "threads": torch.get_num_threads(), "device": str(device), "gpu": gpu}
+            "threads": torch.get_num_threads(), "device": str(device), "gpu": gpu, "precision": precision}
 
 
 def worker_group(ranks: list[dict]) -> dict:

@@ -30,6 +30,7 @@ from .checkpoint import (Progress, best_checkpoint, load_checkpoint, restore_tra
 from .config import Config
 from .constants import BEST_DIR, TB_DIR
 from .data import load_cifar
+from .engine import training_precision
 from .errors import ConfigError, RunError, UserError
 from .failures import fit_or_explain
 from .fit import Hooks, Splits, build_training, fit, select_splits, selection_metric, steps_per_epoch
@@ -102,9 +103,10 @@ def _restore(checkpoint: ray.train.Checkpoint | None, training, rank: int, run_d
     return progress
 
 
-def _gather_workers(rank: int, world: int, device: torch.device) -> list[dict]:
-    """Every rank's node, CPU and GPU (environment.worker), in rank order."""
-    facts = [environment.worker(rank, ray.get_runtime_context().get_node_id(), device)] * world
+def _gather_workers(rank: int, world: int, device: torch.device, amp: str) -> list[dict]:
+    """Every rank's node, CPU, GPU and training precision (environment.worker), in rank order."""
+    node = ray.get_runtime_context().get_node_id()
+    facts = [environment.worker(rank, node, device, training_precision(device, amp))] * world
     if world > 1:
         dist.all_gather_object(facts, facts[0])
     return facts
@@ -168,7 +170,7 @@ def _train_worker(loop_config: dict) -> dict | None:
     steps = steps_per_epoch(cfg, len(data.train_index), world)
     training = build_training(cfg, device, steps, world, wrap=ray.train.torch.prepare_model)  # [Ray 3] DDP
     progress = _restore(ray.train.get_checkpoint(), training, rank, loop_config["run_dir"])  # [Ray 4] resume
-    workers = _gather_workers(rank, world, device)
+    workers = _gather_workers(rank, world, device, cfg.perf.amp)
     log = None
     if rank == 0:
         record_worker_group(loop_config["run_dir"], environment.worker_group(workers))

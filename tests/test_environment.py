@@ -70,8 +70,9 @@ def test_an_attempt_records_versions_command_and_this_machine():
 
 
 def test_a_resumed_run_appends_its_attempt_and_each_worker_group_goes_to_the_latest(tmp_path):
-    rank = environment.worker(0, "node-a", torch.device("cpu"))
+    rank = environment.worker(0, "node-a", torch.device("cpu"), "bf16")
     assert rank["gpu"] is None and rank["threads"] == torch.get_num_threads() and rank["device"] == "cpu"
+    assert rank["precision"] == "bf16"
     record_attempt(str(tmp_path), environment.attempt(["first"], 2))
     record_worker_group(str(tmp_path), environment.worker_group([rank, {**rank, "rank": 1}]))
     record_attempt(str(tmp_path), environment.attempt(["resume"], [1, 2]))

@@ -21,6 +21,7 @@ from torch import nn
 from ray_resnet import cli
 from ray_resnet.config import load_config
 from ray_resnet.data import load_cifar, normalize
+from ray_resnet.engine import training_precision
 from ray_resnet.environment import cpu_model
 from ray_resnet.export import exported_logits, onnx_missing
 from ray_resnet.train import run_training
@@ -142,6 +143,7 @@ def test_the_run_dir_records_where_it_ran(finished_run):
     (rank,) = group["ranks"]
     assert rank["rank"] == 0 and rank["device"] == "cpu" and rank["gpu"] is None and rank["cpu"] == cpu_model()
     assert rank["threads"] == 2  # the local Ray's 2 CPUs, all for the one worker
+    assert rank["precision"] == training_precision(torch.device("cpu"), "auto")
 
 
 def _eval_json(capsys, *args):
