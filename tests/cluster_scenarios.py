@@ -43,7 +43,7 @@ def _config(root: str, storage: str, name: str, epochs: int, *sets: str):
 # failures (max_failures 0): the node it loses is preempted (drained by the cluster first, as an autoscaler does
 # with a reclaimed spot node).
 ELASTIC = ["run.num_workers=[1,2]", "run.cpus_per_worker=2", "run.resize_interval_s=5", "run.max_failures=0",
-           "schedule.warmup_epochs=1"]
+           "schedule.warmup_epochs=1", "perf.amp=fp32"]  # fp32: the epoch times below (bf16 on AMX halves them)
 # 2-4 s each: 1-2 before the node loss, the rest with 1 worker until it has grown back (20-45 s seen), then 2
 ELASTIC_EPOCHS = 30
 
