@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .engine import at_least_fp32
+
 
 class _GlobalBatchNorm(torch.autograd.Function):
     """Batch normalisation of this rank's share with the statistics of the whole global batch, forward and backward
@@ -32,8 +34,8 @@ class _GlobalBatchNorm(torch.autograd.Function):
         mean = stats[:channels] / total
         var = (stats[channels:2 * channels] / total - mean * mean).clamp(min=0)
         invstd = torch.rsqrt(var + eps)
-        out = F.batch_norm(x, mean.float(), var.float(), weight, bias, training=False, eps=eps)
-        ctx.save_for_backward(x, weight, mean.float(), invstd.float(), total.float())
+        out = F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), weight, bias, training=False, eps=eps)
+        ctx.save_for_backward(x, weight, mean.to(x.dtype), invstd.to(x.dtype), total.to(x.dtype))
         return out, mean, var, total
 
     @staticmethod
@@ -64,7 +66,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        out, mean, var, total = _GlobalBatchNorm.apply(x.float(), self.weight, self.bias, self.eps)
+        out, mean, var, total = _GlobalBatchNorm.apply(at_least_fp32(x), self.weight, self.bias, self.eps)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1

@@ -335,30 +335,33 @@ def take_subset(labels: torch.Tensor, n: int | None, seed: int) -> torch.Tensor:
 
 
 @functools.cache
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _mean_std(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     # Built once per device: torch.tensor(list, device="cuda") copies from host memory, a host sync per call.
-    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return tuple(torch.tensor(v, device=device, dtype=dtype).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
 
 
 def normalize(images_uint8: torch.Tensor, pixel_mean: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 [B,3,H,W] (any device) -> float32 scaled to [0,1], then minus `pixel_mean` (a mean image [3,H,W] on
-    that scale, from `mean_image`) or, without one, standardised by IMAGENET_MEAN/STD."""
+    """uint8 [B,3,H,W] (any device) -> torch's default float dtype (float32 unless a caller changed it) scaled to
+    [0,1], then minus `pixel_mean` (a mean image [3,H,W] on that scale, from `mean_image`) or, without one,
+    standardised by IMAGENET_MEAN/STD."""
     if images_uint8.dtype != torch.uint8:
         raise TypeError(f"normalize expects uint8 images, got {images_uint8.dtype}")
+    scaled = images_uint8.to(torch.get_default_dtype()) / 255
     if pixel_mean is not None:
-        return images_uint8.float() / 255 - pixel_mean
-    mean, std = _mean_std(images_uint8.device)
-    return (images_uint8.float() / 255 - mean) / std
+        return scaled - pixel_mean
+    mean, std = _mean_std(images_uint8.device, scaled.dtype)
+    return (scaled - mean) / std
 
 
 def mean_image(images_uint8: torch.Tensor, indices: torch.Tensor, chunk: int = 5000) -> torch.Tensor:
-    """The mean of images[indices] per pixel and channel, float32 [3,H,W] on [0,1], on the images' device.
+    """The mean of images[indices] per pixel and channel, [3,H,W] on [0,1] in the default float dtype, on the images'
+    device.
 
     Summed in float64 over fixed chunks, so every rank that passes the same indices gets the same bits."""
     total = torch.zeros(images_uint8.shape[1:], dtype=torch.float64, device=images_uint8.device)
     for part in indices.to(images_uint8.device).split(chunk):
         total += images_uint8[part].sum(0, dtype=torch.float64)
-    return (total / (255 * max(len(indices), 1))).float()
+    return (total / (255 * max(len(indices), 1))).to(torch.get_default_dtype())
 
 
 def augment(
@@ -374,7 +377,7 @@ def augment(
     """Per-sample pad+random-crop, horizontal flip, normalize (by `pixel_mean` if given), random erasing; all
     batched.
 
-    uint8 [B,3,H,W] -> float32 [B,3,H,W]. ``generator`` must live on the images' device; the
+    uint8 [B,3,H,W] -> float [B,3,H,W] (as `normalize`). ``generator`` must live on the images' device; the
     output is a deterministic function of its state. Erasing follows torchvision's
     RandomErasing(p=erase_p, scale=(0.02, 1/3), ratio=(0.3, 3.3), value="random").
 

@@ -76,6 +76,11 @@ def compile_model(model: nn.Module, device: torch.device, compile: str = "auto",
     return torch.compile(model, mode="reduce-overhead" if cuda_graphs and device.type == "cuda" else None)
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32 if it is in a lower precision (bf16 logits under autocast); float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _global_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
     totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     if dist.is_available() and dist.is_initialized():
@@ -138,7 +143,7 @@ def train_one_epoch(
         y = labels[idx].to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x)
-        batch_loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing, reduction="sum")
+        batch_loss = F.cross_entropy(at_least_fp32(logits), y, label_smoothing=label_smoothing, reduction="sum")
         optimizer.zero_grad(set_to_none=True)
         (batch_loss * (world_size / global_count)).backward()
         lr = optimizer.param_groups[0]["lr"]
@@ -191,7 +196,7 @@ def evaluate(
         y = labels[chunk].to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        loss_sum += F.cross_entropy(at_least_fp32(logits), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
     total_loss, total_correct, total_seen = _global_sum([loss_sum, correct, len(indices)], device)
     elapsed = time.perf_counter() - start
