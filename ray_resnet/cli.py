@@ -59,12 +59,28 @@ def _train(args: argparse.Namespace) -> int:
               f"Pass --name NEW for a fresh run, or raise schedule.epochs to train on.")
     else:
         print(f"done: {summary['name']} ({summary['model']}, {summary['params']:,} params) "
-              f"{summary['epoch']}/{summary['epochs']} epochs in {summary['wall_time_s']:.0f}s: "
+              f"{summary['epoch']}/{summary['epochs']} epochs in {wall_time_text(summary)}: "
               f"final test acc {summary['final_test_acc']:.2f}%, "
               f"best/ (epoch {summary['best_epoch']}) test acc {summary['best_test_acc']:.2f}%, "
               f"{_selected(summary)}")
     print(f"run dir: {summary['run_dir']}\nTensorBoard: tensorboard --logdir {summary['run_dir']}/tb")
     return 0
+
+
+def clock(seconds: float) -> str:
+    """Seconds as h:mm:ss, or m:ss under an hour."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def wall_time_text(summary: dict) -> str:
+    """A run's time over all its attempts, and this attempt's when it was resumed ("2:40:21 over 2 attempts, this
+    one 2:48")."""
+    total = clock(summary["wall_time_s"])
+    if summary.get("attempts", 1) < 2:
+        return total
+    return f"{total} over {summary['attempts']} attempts, this one {clock(summary['last_attempt_s'])}"
 
 
 def _selected(summary: dict) -> str:

@@ -104,3 +104,18 @@ def worker_group(ranks: list[dict]) -> dict:
     """A worker group (the ranks of one start of the workers: the first, or after a restart or a resize)."""
     gpus = [r["gpu"] for r in ranks if r["gpu"]]
     return {"started": now_utc(), "workers": len(ranks), "gpus": len(gpus), "ranks": ranks}
+
+
+def _group_traits(group: dict) -> dict[str, str]:
+    ranks = group.get("ranks", [])
+    return {"workers": str(group.get("workers", len(ranks))),
+            "precision": "/".join(sorted({str(r.get("precision")) for r in ranks})),
+            "device": "/".join(sorted({str(r.get("device", "")).split(":")[0] for r in ranks}))}
+
+
+def group_change(before: dict, after: dict) -> str | None:
+    """How worker group `after` differs from `before` in worker count, training precision and device kind, in
+    words ("workers 1 -> 2, precision bf16 -> fp32"); None if in none of them."""
+    old, new = _group_traits(before), _group_traits(after)
+    changed = [f"{key} {old[key]} -> {new[key]}" for key in new if old[key] != new[key]]
+    return ", ".join(changed) or None

@@ -96,21 +96,44 @@ def write_config(cfg: Config) -> None:
     config_lib.save_config(cfg, storage.join(run_dir(cfg), CONFIG_FILE))
 
 
-def record_attempt(directory: str, attempt: dict) -> None:
-    """Add an attempt (environment.attempt) to environment.json; a resumed run keeps those before it."""
+def _read_environment(directory: str) -> tuple[str, dict]:
     location = storage.join(directory, ENVIRONMENT_FILE)
-    record = storage.read_json(location) or {"attempts": []}
+    return location, storage.read_json(location) or {"attempts": []}
+
+
+def record_attempt(directory: str, attempt: dict) -> int:
+    """Add an attempt (environment.attempt) to environment.json; a resumed run keeps those before it. Returns the
+    attempt's index, by which its workers and its end find it again."""
+    location, record = _read_environment(directory)
     record["attempts"].append(attempt)
     storage.write_text(location, json.dumps(record, indent=1) + "\n")
+    return len(record["attempts"]) - 1
 
 
-def record_worker_group(directory: str, group: dict) -> None:
-    """Add a worker group (environment.worker_group) to the latest attempt of environment.json (rank 0 does this
-    when the workers start; only the driver wrote the file before, and it waits for the workers now)."""
-    location = storage.join(directory, ENVIRONMENT_FILE)
-    record = storage.read_json(location) or {"attempts": [{"worker_groups": []}]}  # a torn file: keep the groups
-    record["attempts"][-1]["worker_groups"].append(group)
+def record_worker_group(directory: str, group: dict, attempt: int = -1) -> dict | None:
+    """Add a worker group (environment.worker_group) to attempt `attempt` (default: the latest) of environment.json
+    (rank 0 does this when the workers start; only the driver wrote the file before, and it waits for the workers
+    now). Returns the worker group recorded before it, in this attempt or an earlier one (None: this is the first):
+    the group that wrote the checkpoint a resumed group starts from."""
+    location, record = _read_environment(directory)
+    if not record["attempts"]:  # a torn file: keep the groups
+        record["attempts"].append({"worker_groups": []})
+    index = attempt % len(record["attempts"])
+    previous = [g for a in record["attempts"][:index + 1] for g in a.get("worker_groups", [])]
+    record["attempts"][index].setdefault("worker_groups", []).append(group)
     storage.write_text(location, json.dumps(record, indent=1) + "\n")
+    return previous[-1] if previous else None
+
+
+def record_duration(directory: str, attempt: int, duration_s: float) -> list[float]:
+    """Set attempt `attempt`'s duration (seconds) in environment.json: rank 0 does after each epoch, so an attempt
+    whose driver was killed keeps its time up to its last epoch; the driver does at the end. Returns every
+    attempt's duration in order (0 for one killed before its workers started)."""
+    location, record = _read_environment(directory)
+    if attempt < len(record["attempts"]):
+        record["attempts"][attempt]["duration_s"] = round(duration_s, 1)
+        storage.write_text(location, json.dumps(record, indent=1) + "\n")
+    return [a.get("duration_s", 0.0) for a in record["attempts"]]
 
 
 def write_result(directory: str, summary: dict) -> None:

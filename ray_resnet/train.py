@@ -34,8 +34,8 @@ from .engine import training_precision
 from .errors import ConfigError, RunError, UserError
 from .failures import fit_or_explain
 from .fit import Hooks, Splits, build_training, fit, select_splits, selection_metric, steps_per_epoch
-from .rundir import (check_resumable, diverged_error, previous_result, record_attempt, record_worker_group, resolve_run,
-                     run_dir, write_config, write_result)
+from .rundir import (check_resumable, diverged_error, previous_result, record_attempt, record_duration,
+                     record_worker_group, resolve_run, run_dir, write_config, write_result)
 from .runlog import RunLog, progress_every_s
 
 # report() waits up to this long for the controller's poll (Ray's default 2 s); printing is done by rank 0 itself.
@@ -112,6 +112,29 @@ def _gather_workers(rank: int, world: int, device: torch.device, amp: str) -> li
     return facts
 
 
+class AttemptClock(Hooks):
+    """Rank 0 records the attempt's duration after every epoch, so an attempt whose driver is killed still counts
+    (up to its last epoch) in the run's wall time. Wall-clock seconds since the driver started the attempt (the
+    driver may be on another node: their clocks' skew is the error)."""
+
+    def __init__(self, run_dir: str, attempt: int, started: float):
+        self.run_dir, self.attempt, self.started = run_dir, attempt, started
+
+    def epoch_end(self, metrics: dict) -> None:
+        record_duration(self.run_dir, self.attempt, time.time() - self.started)
+
+
+def _record_workers(run_dir: str, attempt: int, workers: list[dict], resumed_epoch: int) -> None:
+    """Rank 0 adds the worker group to environment.json and says in one line when a resumed group trains unlike the
+    group that wrote its checkpoint (another worker count, precision or device kind); the run goes on."""
+    group = environment.worker_group(workers)
+    previous = record_worker_group(run_dir, group, attempt)
+    change = environment.group_change(previous, group) if previous and resumed_epoch else None
+    if change:
+        print(f"note: the checkpoint of epoch {resumed_epoch} was written by a worker group that trained "
+              f"otherwise; resuming with {change}", flush=True)
+
+
 class ReportToRay(Hooks):
     """Rank 0 writes the checkpoint files; every rank reports every epoch to Ray Train (a barrier)."""
 
@@ -171,16 +194,17 @@ def _train_worker(loop_config: dict) -> dict | None:
     training = build_training(cfg, device, steps, world, wrap=ray.train.torch.prepare_model)  # [Ray 3] DDP
     progress = _restore(ray.train.get_checkpoint(), training, rank, loop_config["run_dir"])  # [Ray 4] resume
     workers = _gather_workers(rank, world, device, cfg.perf.amp)
-    log = None
+    log, clock = None, []
     if rank == 0:
-        record_worker_group(loop_config["run_dir"], environment.worker_group(workers))
+        _record_workers(loop_config["run_dir"], loop_config["attempt"], workers, progress.epoch)
         log = RunLog(storage.join(loop_config["run_dir"], TB_DIR), cfg, progress.epoch, steps,
                      loop_config["progress_every_s"])
+        clock = [AttemptClock(loop_config["run_dir"], loop_config["attempt"], loop_config["attempt_started"])]
     report = ReportToRay(rank, loop_config["run_dir"], {"worker_nodes": [w["node_id"] for w in workers],
                                                         "params": training.params})
     extra = loop_config["worker_hooks"]() if loop_config["worker_hooks"] else []
     outcome = fit(cfg, training, data, rank=rank, world=world, progress=progress,
-                  hooks=[*([log] if log else []), report, *extra])
+                  hooks=[*([log] if log else []), *clock, report, *extra])
     if log:
         log.close(training.params, None if outcome else loop_config["hparams"])
     return {"diverged": dataclasses.asdict(outcome)} if outcome else None
@@ -304,12 +328,13 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
         dataset = ray.put(arrays)
         del arrays  # the object store's copy is the node's one copy: the driver's own would sit idle all run
     workers = list(cfg.run.worker_range) if cfg.run.elastic else cfg.run.num_workers
-    record_attempt(directory, environment.attempt(command or sys.argv, workers))
-    start = time.perf_counter()
+    attempt = record_attempt(directory, environment.attempt(command or sys.argv, workers))
+    started = time.time()
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config_lib.to_dict(cfg), "run_dir": directory, "data": dataset,
                            "threads": threads, "hparams": hparams or {}, "worker_hooks": worker_hooks,
+                           "attempt": attempt, "attempt_started": started,
                            "progress_every_s": progress_every_s(sys.stdout.isatty())},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.worker_range if cfg.run.elastic else cfg.run.num_workers,  # elastic: (min, max)
@@ -325,6 +350,7 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     )
     result = fit_or_explain(trainer, cfg.run.max_failures)
     metrics, stop = result.metrics or {}, result.return_value or {}
+    durations = record_duration(directory, attempt, time.time() - started)
     if "error" in stop:
         raise RunError(f"{stop['error']} (raised on a worker: stopped without retrying, it would fail again)")
     summary = {
@@ -332,7 +358,8 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
         "params": metrics.get("params"), "epoch": metrics.get("epoch", 0), "epochs": cfg.schedule.epochs,
         "final_test_acc": metrics.get("test_acc"), "best_test_acc": metrics.get("best_test_acc"),
         "best_epoch": metrics.get("best_epoch"), **selection_summary(cfg, metrics),
-        "wall_time_s": round(time.perf_counter() - start, 1),
+        # Every attempt's duration (a resumed run's earlier ones included), this one's, and how many there were.
+        "wall_time_s": round(sum(durations), 1), "last_attempt_s": durations[attempt], "attempts": len(durations),
         "run_dir": directory, "checkpoint": _location(directory, result.checkpoint),
         "best_checkpoint": storage.join(directory, BEST_DIR), "worker_nodes": metrics.get("worker_nodes"),
         "status": "diverged" if "diverged" in stop else "finished", **stop,

@@ -51,3 +51,12 @@ def test_help_lists_the_commands(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "train" in out and "eval" in out
+
+
+def test_the_final_line_gives_the_runs_time_over_all_attempts_and_this_ones():
+    from ray_resnet.cli import wall_time_text
+
+    assert wall_time_text({"wall_time_s": 9621.4, "last_attempt_s": 168.1, "attempts": 2}) == \
+        "2:40:21 over 2 attempts, this one 2:48"
+    assert wall_time_text({"wall_time_s": 59.6, "last_attempt_s": 59.6, "attempts": 1}) == "1:00"
+    assert wall_time_text({"wall_time_s": 3600.0}) == "1:00:00"  # a result.json from before attempts were counted

@@ -10,7 +10,7 @@ import sys
 import torch
 
 from ray_resnet import environment
-from ray_resnet.rundir import record_attempt, record_worker_group
+from ray_resnet.rundir import record_attempt, record_duration, record_worker_group
 
 X86 = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu\n"
 ARM = "processor\t: 0\nBogoMIPS\t: 108.00\nCPU implementer\t: 0x41\n\nHardware\t: BCM2835\nModel\t\t: Raspberry Pi 4\n"
@@ -82,3 +82,22 @@ def test_a_resumed_run_appends_its_attempt_and_each_worker_group_goes_to_the_lat
     assert [a["command"] for a in attempts] == [["first"], ["resume"]]
     assert [[g["workers"] for g in a["worker_groups"]] for a in attempts] == [[2], [1, 2]]
     assert attempts[0]["worker_groups"][0]["ranks"][1]["rank"] == 1
+
+
+def test_each_attempt_keeps_its_duration_and_a_resumed_group_is_compared_with_the_one_before(tmp_path):
+    cpu = environment.worker(0, "node-a", torch.device("cpu"), "bf16")
+    first = record_attempt(str(tmp_path), environment.attempt(["first"], 1))
+    assert record_worker_group(str(tmp_path), environment.worker_group([cpu]), first) is None  # the first group
+    assert record_duration(str(tmp_path), first, 100.04) == [100.0]
+    second = record_attempt(str(tmp_path), environment.attempt(["resume"], 2))
+    assert record_duration(str(tmp_path), first, 130.0) == [130.0, 0.0]  # the first attempt's workers went on
+    fp32 = [{**cpu, "precision": "fp32"}, {**cpu, "rank": 1, "precision": "fp32"}]
+    before = record_worker_group(str(tmp_path), environment.worker_group(fp32), second)
+    assert before["ranks"] == [cpu]  # the group that wrote the checkpoint, from the attempt before
+    assert environment.group_change(before, environment.worker_group(fp32)) == "workers 1 -> 2, precision bf16 -> fp32"
+    gpu = [{**r, "device": f"cuda:{r['rank']}"} for r in fp32]
+    assert environment.group_change(environment.worker_group(fp32), environment.worker_group(gpu)) == "device cpu -> cuda"
+    assert environment.group_change(environment.worker_group(gpu), environment.worker_group(gpu)) is None
+    assert record_duration(str(tmp_path), second, 20.0) == [130.0, 20.0]
+    attempts = json.loads((tmp_path / "environment.json").read_text())["attempts"]
+    assert [len(a["worker_groups"]) for a in attempts] == [1, 1] and attempts[1]["duration_s"] == 20.0

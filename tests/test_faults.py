@@ -63,7 +63,7 @@ class TrainProcess:
     """`ray-resnet train` as a subprocess with its own embedded Ray, output in a file we can watch."""
 
     def __init__(self, tmp_path: Path, root: Path, name: str, epochs: int, attempt: str = "1", max_failures: int = 2,
-                 storage: str | None = None, env: dict | None = None):
+                 storage: str | None = None, env: dict | None = None, args: tuple[str, ...] = ()):
         self.log_path = tmp_path / f"{name}-{attempt}.log"
         env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -72,7 +72,7 @@ class TrainProcess:
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ray_resnet.cli", "train", "--data", str(root), "--storage",
-                 storage or str(tmp_path), "--name", name, *sets], env=env, stdout=log, stderr=subprocess.STDOUT,
+                 storage or str(tmp_path), "--name", name, *sets, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
                 cwd=tmp_path)
         self.family: set[psutil.Process] = set()
 
@@ -169,7 +169,8 @@ def test_killed_driver_rerun_continues_from_latest_checkpoint(real_cifar_small, 
     finished_before_kill = max(tb_steps(run_dir))  # workers may finish an epoch after the driver died
     assert not (run_dir / "result.json").exists()
 
-    second = TrainProcess(tmp_path, real_cifar_small, "drv", epochs, attempt="2")
+    # The rerun resumes with 2 workers where 1 wrote the checkpoint: it says so and goes on.
+    second = TrainProcess(tmp_path, real_cifar_small, "drv", epochs, attempt="2", args=("--num-workers", "2"))
     assert second.finish() == 0, second.log[-3000:]
     resumed = int(re.search(r"resuming from the checkpoint of epoch (\d+)", second.log).group(1))
     assert committed <= resumed <= finished_before_kill and finished_before_kill - resumed <= 1
@@ -180,7 +181,14 @@ def test_killed_driver_rerun_continues_from_latest_checkpoint(real_cifar_small, 
     # The steps the killed attempt logged past its checkpoint were trained again: TensorBoard shows each once.
     assert tb_steps(run_dir, "step/lr", "tb/steps") == list(range(2, epochs * STEPS_PER_EPOCH + 1, 2))
     attempts = json.loads((run_dir / "environment.json").read_text())["attempts"]
-    assert [a["command"][-2:] for a in attempts] == [["--set", "run.max_failures=2"]] * 2  # both kept
+    assert [a["command"][-2:] for a in attempts] == [["--set", "run.max_failures=2"], ["--num-workers", "2"]]
+    assert re.search(rf"checkpoint of epoch {resumed} was written by a worker group that trained otherwise; "
+                     r"resuming with workers 1 -> 2\n", second.log), second.log[-3000:]
+    # The run's wall time is both attempts' (the killed one's up to its last epoch), not the rerun's alone.
+    assert result["attempts"] == 2 and result["wall_time_s"] > result["last_attempt_s"] > 0
+    assert result["wall_time_s"] == pytest.approx(sum(a["duration_s"] for a in attempts), abs=0.11)  # 0.1 s rounding
+    assert attempts[0]["duration_s"] > 0 and result["last_attempt_s"] == attempts[1]["duration_s"]
+    assert re.search(r"3/3 epochs in \d+:\d\d over 2 attempts, this one \d+:\d\d: ", second.log), second.log[-3000:]
     best, final = load_checkpoint(run_dir / "best"), load_checkpoint(result["checkpoint"])
     assert best["epoch"] == final["best_epoch"] == result["best_epoch"]  # best/ agrees with the finished run
     assert all(torch.equal(best["model"][k], v) for k, v in final["best"]["model"].items())
