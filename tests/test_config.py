@@ -42,6 +42,7 @@ def test_paper_configs_hold_the_papers_recipe_on_its_45k_5k_split(depth):
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.batch_size) == (0.1, 0.9, 1e-4, 128)
     assert (cfg.optim.label_smoothing, cfg.data.erase_p, cfg.data.normalize) == (0, 0, "pixel_mean")
     steps = 352  # ceil(45000 / 128)
+    # float64 divisions, as in config.py: approx's default rel 1e-6 absorbs any rounding of them (below too)
     assert cfg.schedule.milestones == pytest.approx((32_000 / steps, 48_000 / steps))
     assert cfg.schedule.epochs == 182  # ceil(64000 / 352): 64,064 iterations
     assert cfg.schedule.warmup == "constant" and cfg.schedule.warmup_start_lr == 0.01
@@ -60,6 +61,7 @@ def test_reproduction_configs_hold_its_recipe(depth):
 
 def test_the_paper_recipe_counts_iterations_of_the_training_set_in_use():
     whole = from_dict({"recipe": "paper"})  # 50k images: 391 steps per epoch
+    # float64 divisions, as in config.py: approx's default rel 1e-6 absorbs any rounding of them
     assert whole.schedule.milestones == pytest.approx((32_000 / 391, 48_000 / 391)) and whole.schedule.epochs == 164
     subset = from_dict({"recipe": "paper", "data": {"val_split": 5000, "train_subset": 12_800}, "model": "resnet110"})
     assert subset.schedule.milestones == (320, 480) and subset.schedule.epochs == 640  # 100 steps per epoch

@@ -52,6 +52,8 @@ def test_export_reloads_to_the_checkpoints_logits(checkpoint_and_batch, tmp_path
     assert "same top-1 on 32/32" in printed
     with torch.no_grad():
         expected, got = model(batch), _reload(out, fmt)(batch[:7])  # another batch size than the export's
+    # float32: the reloaded file runs other kernels (ONNX Runtime's, TorchScript's) on 7 images, the model on 32;
+    # seen: 7.6e-6 (ONNX, AMD EPYC) on logits up to 25
     torch.testing.assert_close(got, expected[:7], rtol=1e-4, atol=1e-4)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("model.")] == [out.name]  # one file, no .data
 

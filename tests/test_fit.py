@@ -96,7 +96,8 @@ def test_resuming_from_the_checkpoint_state_trains_what_the_uninterrupted_run_tr
     assert progress.epoch == 1
     fit(cfg, resumed, data, progress=progress)
     for a, b in zip(whole.core.state_dict().values(), resumed.core.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # bit for bit: the same ops in one process
+    # both schedulers compute base_lr * lr_at(...) / base_lr in float64: equal; approx's rel 1e-6 is slack only
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(whole.optimizer.param_groups[0]["lr"])
 
 
@@ -167,6 +168,7 @@ def test_the_pixel_mean_is_the_mean_image_of_the_training_images_only():
     cfg = _cfg("data.val_split=50", "data.normalize=pixel_mean")
     data = select_splits(cfg, arrays)
     expected = arrays["train_images"][data.train_index].double().mean(0) / 255
+    # float32's default rtol 1.3e-6: two float64 means (sum / (255 n) vs mean / 255) cast to float32, <= 1 ulp apart
     torch.testing.assert_close(data.pixel_mean, expected.float())
     assert data.pixel_mean.shape == (3, 32, 32) and data.pixel_mean.dtype == torch.float32
     changed = {**arrays, "train_images": arrays["train_images"].clone(),
@@ -221,6 +223,8 @@ def test_eval_of_a_pixel_mean_run_normalises_as_training_did(tmp_path, cache_dir
     save_checkpoint(best_checkpoint(hook.states[1]), tmp_path / "best")
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "best"), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # The same weights, images and batch (40) in fp32 in this process: equal unless a kernel rounds otherwise; 1 image
+    # is 2.5 points, so this allows 1 borderline top-1 flip.
     assert evaluated["acc"] == pytest.approx(hook.states[1]["metrics"]["test_acc"], abs=2.6)  # <= 1 of 40 flips
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "best")]) == 0
     assert "the highest validation accuracy during training, on 40 held-out training images" in capsys.readouterr().out

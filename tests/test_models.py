@@ -52,7 +52,7 @@ def test_state_dict_round_trip_gives_same_outputs():
     torch.manual_seed(0)
     a, b = build_model("resnet32").eval(), build_model("resnet32").eval()
     x = torch.randn(4, 3, 32, 32)
-    assert not torch.allclose(a(x), b(x))
+    assert not torch.allclose(a(x), b(x))  # other random weights: far outside allclose's defaults
     b.load_state_dict(a.state_dict())
     assert torch.equal(a(x), b(x))
 
@@ -60,6 +60,7 @@ def test_state_dict_round_trip_gives_same_outputs():
 def test_kaiming_normal_init():
     torch.manual_seed(0)
     w = build_model("resnet56").layer3[0].conv2.weight  # fan_in = 64 * 3 * 3
+    # statistical: the std of 64 * 64 * 9 = 36,864 seeded draws has a standard error of 0.37 % (5 % is 13 of them)
     assert w.std().item() == pytest.approx((2 / (64 * 9)) ** 0.5, rel=0.05)
 
 

@@ -37,8 +37,10 @@ def test_step_tags_hold_the_mean_loss_and_the_lr_every_n_steps_beside_the_epoch_
     losses = _scalars(tmp_path / "tb" / "steps", "step/train_loss")
     assert [step for step, _ in losses] == [3, 6]
     for (step, value), steps in zip(losses, ([1, 2, 3], [4, 5, 6])):  # the mean of the steps since the last point
+        # float32 on the device (sum / 3) and in TensorBoard's file, float64 here: a few roundings of 6e-8 each
         assert value == pytest.approx(sum(seen.losses[s] for s in steps) / 3, rel=1e-6)
     lrs = _scalars(tmp_path / "tb" / "steps", "step/lr")
+    # approx's rel 1e-6 absorbs TensorBoard's float32 (6e-8), and LambdaLR's base_lr * lr_at / base_lr (1 ulp)
     assert lrs == [(3, pytest.approx(seen.lrs[3])), (6, pytest.approx(seen.lrs[6]))]
     assert seen.lrs[3] == pytest.approx(lr_at(1.0, 0.05, cfg.schedule))  # step 3 trains at epoch 1.0 of the warmup
     assert lrs[0][1] < lrs[1][1]  # the ramp, within the epochs

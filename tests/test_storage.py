@@ -207,7 +207,9 @@ def test_two_nodes_with_storage_and_data_only_in_s3(s3, s3_data, tmp_path):
     assert isinstance(summary, dict), summary
     assert summary["epoch"] == 2 and summary["run_dir"] == f"s3://{BUCKET}/cluster/s3"
     assert sorted(out["worker_nodes"]) == out["cluster_nodes"]  # SPREAD: one rank on each node
-    assert summary["final_test_acc"] == pytest.approx(out["single_process_test_acc"], abs=1.01)
+    # Up to borderline top-1 flips: the 2 ranks' float32 kernels (channels_last, 100 images each) round otherwise
+    # than one process's (contiguous, 200 images); 1 image is 0.5 points.
+    assert summary["final_test_acc"] == pytest.approx(out["single_process_test_acc"], abs=1.01)  # <= 2 of 200
 
 
 @pytest.mark.ray
