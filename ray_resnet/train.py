@@ -191,6 +191,7 @@ def _train_worker(loop_config: dict) -> dict | None:
     _quiet_ray_train_logs()
     data = _worker_splits(cfg, ray.get(loop_config["data"]), device)  # [Ray 2] the dataset, zero-copy
     steps = steps_per_epoch(cfg, len(data.train_index), world)
+    extra = loop_config["worker_hooks"]() if loop_config["worker_hooks"] else []  # before the model: its set-up applies
     training = build_training(cfg, device, steps, world, wrap=ray.train.torch.prepare_model)  # [Ray 3] DDP
     progress = _restore(ray.train.get_checkpoint(), training, rank, loop_config["run_dir"])  # [Ray 4] resume
     workers = _gather_workers(rank, world, device, cfg.perf.amp)
@@ -202,7 +203,6 @@ def _train_worker(loop_config: dict) -> dict | None:
         clock = [AttemptClock(loop_config["run_dir"], loop_config["attempt"], loop_config["attempt_started"])]
     report = ReportToRay(rank, loop_config["run_dir"], {"worker_nodes": [w["node_id"] for w in workers],
                                                         "params": training.params})
-    extra = loop_config["worker_hooks"]() if loop_config["worker_hooks"] else []
     outcome = fit(cfg, training, data, rank=rank, world=world, progress=progress,
                   hooks=[*([log] if log else []), *clock, report, *extra])
     if log:

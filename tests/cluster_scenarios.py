@@ -16,6 +16,7 @@ from pathlib import Path
 
 import ray
 import ray.train
+import torch
 from ray.cluster_utils import Cluster
 
 from ray_resnet import storage as storage_lib
@@ -44,8 +45,16 @@ def _config(root: str, storage: str, name: str, epochs: int, *sets: str):
 # with a reclaimed spot node).
 ELASTIC = ["run.num_workers=[1,2]", "run.cpus_per_worker=2", "run.resize_interval_s=5", "run.max_failures=0",
            "schedule.warmup_epochs=1", "perf.amp=fp32"]  # fp32: the epoch times below (bf16 on AMX halves them)
-# 2-4 s each: 1-2 before the node loss, the rest with 1 worker until it has grown back (20-45 s seen), then 2
-ELASTIC_EPOCHS = 30
+# 6-15 s each in float64 (AMD EPYC; 354 s for 30): 1-2 before the node loss, the rest with 1 worker until it has
+# grown back (shrinking took 34 s, growing 14-45 s), then 2
+ELASTIC_EPOCHS = 15
+
+
+def in_float64(hooks: list) -> list:
+    """`hooks`, made where the worker then trains in float64 (its default dtype, set before the model is built): float
+    order then moves a loss by ~1e-12 instead of float32's 1e-4 (test_worker_count), whatever the CPU."""
+    torch.set_default_dtype(torch.float64)
+    return hooks
 
 
 class WorkerGroupLog(Hooks):
@@ -93,7 +102,7 @@ def _elastic(cluster: Cluster, worker, root: str, storage: str) -> dict:
     cfg = _config(root, storage, "elastic", ELASTIC_EPOCHS, *ELASTIC)
     box: dict = {}
     fit = threading.Thread(target=lambda: box.update(
-        summary=_catch(run_training, cfg, None, None, None, lambda: [WorkerGroupLog(groups)])))
+        summary=_catch(run_training, cfg, None, None, None, lambda: in_float64([WorkerGroupLog(groups)]))))
     fit.start()
     run_dir = storage_lib.join(storage, "elastic")
     while fit.is_alive() and committed_epoch(run_dir) < 1:
@@ -106,7 +115,8 @@ def _elastic(cluster: Cluster, worker, root: str, storage: str) -> dict:
     cluster.add_node(num_cpus=2, object_store_memory=OBJECT_STORE)
     fit.join(timeout=400)
     # The same run without a resize, for the epochs the test compares (the ones before and at the shrink).
-    undisturbed = _catch(run_training, _config(root, storage, "undisturbed", 4, *ELASTIC))
+    undisturbed = _catch(run_training, _config(root, storage, "undisturbed", 4, *ELASTIC), None, None, None,
+                         lambda: in_float64([]))
     return {"summary": box.get("summary"), "undisturbed": undisturbed, "lost_at": lost_at, "added_at": added_at,
             "groups": _group_starts(groups)}
 
