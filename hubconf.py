@@ -1,14 +1,14 @@
 """torch.hub entry points: `torch.hub.load("<owner>/ray-resnet", "resnet32", pretrained=False, num_classes=10)`.
 
-One entry per model of `ray_resnet.models` (`torch.hub.list` shows them). No weights are published at a URL;
+One entry per model of `ray_resnet.core.models` (`torch.hub.list` shows them). No weights are published at a URL;
 `weights=FILE` loads a local file strictly: a state dict, a ray-resnet checkpoint.pt, or a `{'state_dict': ...}`
 file from akamaster/pytorch_resnet_cifar10 (`module.` prefixes are removed).
 """
 
 dependencies = ["torch"]
 
-from ray_resnet.models import MODEL_NAMES, build_model  # noqa: E402  (torch.hub reads `dependencies` first)
-from ray_resnet.weights import load_weights, read_weights  # noqa: E402
+from ray_resnet.core.models import MODEL_NAMES, build_model
+from ray_resnet.core.weights import load_weights, read_weights
 
 
 def _entry(name):

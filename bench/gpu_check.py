@@ -4,8 +4,8 @@
 
 What it measures, in this order (a measurement that would start after `--budget-s` is listed as not run):
   1. training img/s of the engine (`fit.fit` without Ray; GPU-resident data) for every model x precision, eager;
-  2. a short real run (`train.run_training`, Ray Train, 1 worker) of resnet20 on the whole dataset: its test accuracy;
-  3. 1, 2, 4 and 8 resnet20 trials sharing one GPU through the real sweep path (`tune.run_sweep`, fractional
+  2. a short real run (`raytrain.driver.run_training`, Ray Train, 1 worker) of resnet20 on the whole dataset: its test accuracy;
+  3. 1, 2, 4 and 8 resnet20 trials sharing one GPU through the real sweep path (`raytrain.sweep.run_sweep`, fractional
      `gpus_per_worker`): the trials' summed training img/s in their last epoch, when all of them run;
   4. training img/s compiled (`perf.compile: on`) and compiled with CUDA graphs (`perf.cuda_graphs: true`).
 Time to the first step runs from building the model to the end of its first optimizer step (compilation included).
@@ -35,7 +35,7 @@ MODES = {"eager": {"compile": "off"}, "compiled": {"compile": "on"},
 
 
 def measure_training(args: argparse.Namespace, model: str, precision: str, mode: str, device: torch.device) -> dict:
-    from ray_resnet.fit import fit
+    from ray_resnet.core.loop import fit
 
     torch._dynamo.reset()  # each compiled measurement compiles afresh: its time to the first step is its own
     cfg = replace(Config(model=model), data={"root": args.data, "train_subset": (args.warmup + args.steps) * 128,
@@ -51,7 +51,7 @@ def measure_training(args: argparse.Namespace, model: str, precision: str, mode:
 
 def accuracy_run(args: argparse.Namespace, storage: str) -> dict:
     from ray_resnet.config import load_config
-    from ray_resnet.train import run_training
+    from ray_resnet.raytrain.driver import run_training
 
     epochs = args.accuracy_epochs
     milestones = sorted({m for m in (epochs // 2, epochs * 3 // 4) if m >= 1})  # the recipe's 100/150 of 200
@@ -62,13 +62,13 @@ def accuracy_run(args: argparse.Namespace, storage: str) -> dict:
     cfg = load_config(None, sets)
     start = time.perf_counter()
     summary = run_training(cfg)
-    return {"epochs": epochs, "test_acc": summary["final_test_acc"], "wall_s": time.perf_counter() - start}
+    return {"epochs": epochs, "test_acc": summary.final_test_acc, "wall_s": time.perf_counter() - start}
 
 
 def shared_gpu_run(args: argparse.Namespace, trials: int, storage: str, use_gpu: bool) -> dict:
     """`trials` resnet20 trials at once, each 1 worker with 1/trials of the GPU (on a CPU: 1 CPU each)."""
-    from ray_resnet.report import trial_dirs
-    from ray_resnet.tune import load_sweep, run_sweep
+    from ray_resnet.io.rundir import trial_dirs
+    from ray_resnet.raytrain.sweep import load_sweep, run_sweep
 
     resources = f"gpus_per_worker: {1 / trials}" if use_gpu else "cpus_per_worker: 1"
     file = Path(storage) / f"share{trials}.yaml"
@@ -87,7 +87,7 @@ resources: {{workers_per_trial: 1, {resources}}}
     for trial in trial_dirs(sweep.dir):
         with open(Path(trial) / "progress.csv") as f:
             rates.append(float(list(csv.DictReader(f))[-1]["train_images_per_s"]))
-    return {"trials": trials, "at_once": min(trials, outcome["max_concurrent_trials"]), "finished": outcome["finished"],
+    return {"trials": trials, "at_once": min(trials, outcome.max_concurrent_trials), "finished": outcome.finished,
             "images_per_s": sum(rates), "per_trial": statistics.median(rates), "wall_s": time.perf_counter() - start}
 
 

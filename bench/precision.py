@@ -36,7 +36,7 @@ PRECOMPUTED_BATCHES = 8  # model-only steps cycle through this many augmented ba
 
 
 def engine_images_per_s(cfg: Config, training, data, device: torch.device, warmup: int, steps: int) -> float:
-    from ray_resnet.fit import fit
+    from ray_resnet.core.loop import fit
 
     stamps = StepStamps(device, warmup + steps, warmup)
     fit(cfg, training, data, hooks=[stamps])
@@ -45,9 +45,10 @@ def engine_images_per_s(cfg: Config, training, data, device: torch.device, warmu
 
 def model_only_images_per_s(cfg: Config, training, data, device: torch.device, warmup: int, steps: int) -> float:
     """forward + backward + SGD step of the engine's model on batches augmented beforehand."""
-    from ray_resnet.data import augment, epoch_batches
-    from ray_resnet.engine import autocast
-    from ray_resnet.fit import epoch_generator
+    from ray_resnet.core.augment import augment
+    from ray_resnet.core.batches import epoch_batches
+    from ray_resnet.core.loop import epoch_generator
+    from ray_resnet.core.precision import autocast
 
     generator = epoch_generator(cfg.seed, 0, device)
     batches = []
@@ -76,11 +77,11 @@ def model_only_images_per_s(cfg: Config, training, data, device: torch.device, w
 
 
 def eval_images_per_s(cfg: Config, training, data, precision: str) -> float:
-    from ray_resnet.engine import evaluate
+    from ray_resnet.core.steps import LabeledImages, StepSettings, evaluate
 
     def run() -> dict:
-        return evaluate(training.core, data.test_images, data.test_labels, data.test_index,
-                        batch_size=cfg.perf.eval_batch_size, channels_last=cfg.perf.channels_last, amp=precision)
+        return evaluate(training.core, LabeledImages(data.test_images, data.test_labels), data.test_index,
+                        batch_size=cfg.perf.eval_batch_size, settings=StepSettings.of(cfg), precision=precision)
 
     run()  # untimed: the first pass allocates and picks kernels
     return run()["images_per_s"]
@@ -98,16 +99,16 @@ def measure(args: argparse.Namespace, model: str, precision: str) -> dict:
 
 def weights_accuracy(weights_dir: Path, models: list[str], data_root: str) -> list[dict]:
     """Top-1 on the whole test set in fp32 and bf16 for each published weights file found in `weights_dir`."""
-    from ray_resnet.data import load_cifar
-    from ray_resnet.engine import evaluate
-    from ray_resnet.weights import model_from_weights
+    from ray_resnet.core.datasets import load_cifar
+    from ray_resnet.core.steps import LabeledImages, evaluate
+    from ray_resnet.core.weights import model_from_weights
 
     images, labels = load_cifar(data_root, "test")
     rows = []
     for model in models:
         for path in sorted(weights_dir.glob(f"{model}-*.th")):
             net = model_from_weights(path, model)[0].to(memory_format=torch.channels_last)
-            acc = {p: evaluate(net, images, labels, amp=p)["acc"] for p in PRECISIONS}
+            acc = {p: evaluate(net, LabeledImages(images, labels), precision=p)["acc"] for p in PRECISIONS}
             rows.append({"model": model, "file": path.name, **acc})
     return rows
 
@@ -123,7 +124,7 @@ def run_child(args: argparse.Namespace, model: str, precision: str) -> dict:
 
 
 def render(args: argparse.Namespace, host: dict, runs: dict, weights: list[dict], wall_s: float) -> str:
-    from ray_resnet.engine import native_bf16, training_precision
+    from ray_resnet.core.precision import native_bf16, training_precision
 
     cpu = torch.device("cpu")
     caps = getattr(torch.cpu, "get_capabilities", dict)()

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from bench import throughput
-from ray_resnet.data import augment
+from ray_resnet.core.augment import augment
+from ray_resnet.core.batches import Step
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = throughput.BATCH
@@ -32,7 +33,7 @@ def time_augment(share: int, global_count: int | None, repeats: int = 200) -> fl
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        augment(images, generator, global_count=global_count, offset=0)
+        augment(images, generator, share=Step(torch.arange(share), global_count, 0) if global_count else None)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

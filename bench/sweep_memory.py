@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from ray_resnet.tune import load_sweep, run_sweep
+    from ray_resnet.raytrain.sweep import load_sweep, run_sweep
 
     host = machine()
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             sampler.stop()
             ray.shutdown()
-    if outcome["finished"] != args.trials:
-        raise SystemExit(f"the sweep finished {outcome['finished']} of {args.trials} trials: {outcome['errors']}")
-    row = (f"| {args.label} | {args.trials} | {outcome['max_concurrent_trials']} | {sampler.peak_pss / MIB:,.0f} | "
+    if outcome.finished != args.trials:
+        raise SystemExit(f"the sweep finished {outcome.finished} of {args.trials} trials: {outcome.errors}")
+    row = (f"| {args.label} | {args.trials} | {outcome.max_concurrent_trials} | {sampler.peak_pss / MIB:,.0f} | "
            f"{sampler.peak_store / MIB:,.0f} | {time.perf_counter() - start:.0f} | {host['cpu']} | "
            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} |")
     if not args.output.exists():

@@ -5,7 +5,7 @@
   a  the plain community loop: a torchvision-CIFAR10-style dataset of PIL images, torchvision transforms
      (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize), a DataLoader, model, SGD step;
   b  ray_resnet's training loop (`fit.fit`) without Ray, with the default PerfConfig;
-  c  the full Ray Train path (`train.run_training`, TorchTrainer) with 1 and with 2 workers.
+  c  the full Ray Train path (`raytrain.driver.run_training`, TorchTrainer) with 1 and with 2 workers.
 
 b and c train one epoch of exactly `--warmup` + `--steps` global batches (a class-balanced subset of the whole
 dataset, which is loaded and shared as in a real run) and evaluate `--eval-images` test images; a `fit` hook
@@ -37,7 +37,7 @@ import torch
 
 from bench.memory import tree_cpu_seconds, tree_memory
 from ray_resnet.config import Config, PerfConfig, replace
-from ray_resnet.fit import Hooks
+from ray_resnet.core.loop import Hooks
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_TAG = "BENCH_RESULT "
@@ -118,8 +118,8 @@ def run_plain(args: argparse.Namespace) -> dict:
 
     from ray_resnet.config import OptimConfig
     from ray_resnet.constants import IMAGENET_MEAN, IMAGENET_STD
-    from ray_resnet.data import load_cifar
-    from ray_resnet.models import build_model
+    from ray_resnet.core.datasets import load_cifar
+    from ray_resnet.core.models import build_model
 
     recipe = OptimConfig()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -178,8 +178,8 @@ def run_plain(args: argparse.Namespace) -> dict:
 
 def engine_setup(cfg: Config, device: torch.device):
     """(Splits, Training) of `cfg` on `device` without Ray, the dataset on the device as a worker holds it."""
-    from ray_resnet.data import load_cifar
-    from ray_resnet.fit import build_training, select_splits, steps_per_epoch
+    from ray_resnet.core.datasets import load_cifar
+    from ray_resnet.core.loop import build_training, select_splits, steps_per_epoch
 
     arrays = {}
     for split in ("train", "test"):
@@ -190,7 +190,7 @@ def engine_setup(cfg: Config, device: torch.device):
 
 
 def run_engine(args: argparse.Namespace) -> dict:
-    from ray_resnet.fit import fit
+    from ray_resnet.core.loop import fit
 
     cfg = bench_config(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -239,7 +239,7 @@ def run_ray(args: argparse.Namespace, workers: int) -> dict:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from ray_resnet import train
+    from ray_resnet.raytrain.driver import run_training
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     cfg = bench_config(args, num_workers=workers, storage=str(tmp), name="bench")
@@ -252,7 +252,7 @@ def run_ray(args: argparse.Namespace, workers: int) -> dict:
                                                str(REPO), os.environ.get("PYTHONPATH"))))}})
         ray_init_s = time.time() - start
         total, warmup = args.warmup + args.steps, args.warmup
-        train.run_training(cfg, worker_hooks=lambda: [WorkerStamps(total, warmup)])
+        run_training(cfg, worker_hooks=lambda: [WorkerStamps(total, warmup)])
         ray.shutdown()
         rank0 = json.loads(Path(f"{timing_file}.rank0").read_text())
     finally:

@@ -17,9 +17,9 @@ from typing import Any, Literal
 
 import yaml
 
-from .constants import DATASETS, TRAIN_IMAGES
-from . import storage
-from .errors import ConfigError
+from ray_resnet.constants import DATASETS, TRAIN_IMAGES
+from ray_resnet.errors import ConfigError
+from ray_resnet.io import storage
 
 # Where decoded datasets are cached when data.cache_dir is null: $RAY_RESNET_CACHE, else this.
 CACHE_ENV = "RAY_RESNET_CACHE"
@@ -228,6 +228,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _build(cls: type, overrides: dict, prefix: str = "") -> Any:
+    return cls(**_checked(cls, overrides, prefix))
+
+
+def _checked(cls: type, overrides: dict, prefix: str) -> dict:
+    """`overrides` of dataclass `cls`'s fields, each checked against its type and allowed range (nested sections
+    built)."""
     if not isinstance(overrides, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {overrides!r}")
     hints = typing.get_type_hints(cls)
@@ -243,7 +249,7 @@ def _build(cls: type, overrides: dict, prefix: str = "") -> Any:
         else:
             kwargs[name] = _in_range(_coerce(value, tp, prefix + name), fields[name].metadata.get("allowed"),
                                      prefix + name)
-    return cls(**kwargs)
+    return kwargs
 
 
 def _in_range(value: Any, allowed: Allowed | None, key: str) -> Any:
@@ -262,7 +268,6 @@ def _check_rules(cfg: Config) -> None:
         raise ConfigError(f"run.num_workers={cfg.run.workers_text}: an elastic run takes [min, max] with "
                           "min <= max, e.g. [1, 4]")
     s, (_, workers) = cfg.schedule, cfg.run.worker_range
-    named = f"run.num_workers={cfg.run.workers_text}" + (f" (up to {workers})" if cfg.run.elastic else "")
     broken = []
     if s.warmup_epochs > s.epochs:
         broken.append(f"schedule.warmup_epochs={s.warmup_epochs:g} is longer than schedule.epochs={s.epochs}")
@@ -273,16 +278,34 @@ def _check_rules(cfg: Config) -> None:
                       "would never drop there (set them for this run's length, or [] for none)")
     if cfg.optim.batch_size < workers:
         broken.append(f"optim.batch_size={cfg.optim.batch_size} is the global batch, split across "
-                      f"{named}: each worker needs at least one image")
-    if cfg.data.train_subset is not None and cfg.data.train_subset < workers:
-        broken.append(f"data.train_subset={cfg.data.train_subset} gives some of the {named} "
-                      "workers no training image")
-    images, val = TRAIN_IMAGES[cfg.data.dataset], cfg.data.val_split
-    if val is not None and val > images - workers:
-        broken.append(f"data.val_split={val} leaves fewer training images than {named} workers of the "
-                      f"{images:,} in {cfg.data.dataset}: hold out fewer (the paper: 5000)")
+                      f"{_workers_named(cfg)}: each worker needs at least one image")
+    broken += split_problems(cfg, TRAIN_IMAGES[cfg.data.dataset], f"in {cfg.data.dataset}")
     if broken:
         raise ConfigError("; ".join(broken))
+
+
+def _workers_named(cfg: Config) -> str:
+    most = cfg.run.worker_range[1]
+    return f"run.num_workers={cfg.run.workers_text}" + (f" (up to {most})" if cfg.run.elastic else "")
+
+
+def split_problems(cfg: Config, num_train: int, source: str) -> list[str]:
+    """Why the run's training images would not reach every worker, given `num_train` training images `source`
+    ("in cifar10": the dataset's size, while the config is checked; "under <root>": the real count, once loaded)."""
+    workers, named = cfg.run.worker_range[1], _workers_named(cfg)
+    val, subset = cfg.data.val_split or 0, cfg.data.train_subset
+    if val and val >= num_train:
+        return [f"data.val_split={val} holds out all {num_train:,} training images {source}: hold out fewer "
+                "(the paper: 5000)"]
+    if val and val > num_train - workers:
+        return [f"data.val_split={val} leaves fewer training images than {named} workers of the {num_train:,} "
+                f"{source}: hold out fewer (the paper: 5000)"]
+    if subset is not None and subset < workers:
+        return [f"data.train_subset={subset} gives some of the {named} workers no training image"]
+    used = min(subset or num_train - val, num_train - val)
+    if used < workers:
+        return [f"{used} training images cannot be split across {named} workers: use fewer workers or more data"]
+    return []
 
 
 # He et al. (2015), section 4.2, in iterations of the batch of 128: lr / 10 at 32k and 48k, stop at 64k; the deepest
@@ -303,7 +326,7 @@ def train_images(cfg: Config) -> int:
 def recipe_preset(cfg: Config) -> dict:
     """The overrides recipe `cfg.recipe` lays beneath the YAML/--set ones. They depend on cfg's model (warmup for the
     deepest nets) and, for the paper's iteration counts, on the steps per epoch: ceil(train_images / batch)."""
-    from .models import parse_model_name
+    from ray_resnet.core.models import parse_model_name
 
     if cfg.recipe == "timm":
         return {}
@@ -387,18 +410,23 @@ def recipe_changes(old: dict, new: dict) -> list[str]:
 
 def from_dict(d: dict, rules: bool = True) -> Config:
     """The config `d` overrides, checked key by key and (with `rules`) against the rules that tie keys together."""
-    from .models import parse_model_name
 
     cfg = _build(Config, d)
-    try:
-        parse_model_name(cfg.model)
-    except ValueError as e:
-        raise ConfigError(f"model: {e}") from None
+    _check_model_name(cfg.model)
     if cfg.recipe != "timm":  # the preset depends on keys `d` may set (model, data.val_split, ...): built again
         cfg = _build(Config, merge(recipe_preset(cfg), d))
     if rules:
         _check_rules(cfg)
     return cfg
+
+
+def _check_model_name(name: str) -> None:
+    from ray_resnet.core.models import parse_model_name
+
+    try:
+        parse_model_name(name)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
 
 
 def parse_set(assignment: str) -> dict:
@@ -448,6 +476,17 @@ def save_config(cfg: Config, location: str | Path) -> None:
     storage.write_text(location, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def replace(cfg: Config, **sections: dict) -> Config:
-    """`replace(cfg, run={"name": "x"})`: a copy with some keys of some sections changed."""
-    return from_dict(merge(to_dict(cfg), sections))
+def replace(cfg: Config, **changes: Any) -> Config:
+    """`replace(cfg, model="resnet32", run={"name": "x"})`: a copy with some top-level keys and some keys of some
+    sections changed, each checked as in a YAML file, and the rules that tie keys together checked again."""
+    changed = {}
+    for name, value in changes.items():
+        section = getattr(cfg, name, None)
+        if dataclasses.is_dataclass(section):
+            changed[name] = dataclasses.replace(section, **_checked(type(section), value, f"{name}."))
+        else:
+            changed.update(_checked(Config, {name: value}, ""))
+    out = dataclasses.replace(cfg, **changed)
+    _check_model_name(out.model)
+    _check_rules(out)
+    return out

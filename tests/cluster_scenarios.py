@@ -19,13 +19,14 @@ import ray.train
 import torch
 from ray.cluster_utils import Cluster
 
-from ray_resnet import storage as storage_lib
-from ray_resnet.checkpoint import load_checkpoint
 from ray_resnet.config import load_config
-from ray_resnet.data import load_cifar, take_subset
-from ray_resnet.engine import evaluate
-from ray_resnet.fit import Hooks
-from ray_resnet.models import build_model
+from ray_resnet.core.batches import take_subset
+from ray_resnet.core.checkpoint import load_checkpoint
+from ray_resnet.core.datasets import load_cifar
+from ray_resnet.core.loop import Hooks
+from ray_resnet.core.models import build_model
+from ray_resnet.core.steps import LabeledImages, evaluate
+from ray_resnet.io import storage as storage_lib
 
 STEPS_PER_EPOCH = 4  # data.train_subset 256 / optim.batch_size 64
 OBJECT_STORE = 300 * 1024**2  # bytes per node; cluster_utils' default (150 MiB) makes ray.put spill to disk
@@ -93,7 +94,7 @@ def _preempt(cluster: Cluster, node) -> None:
 
 def _elastic(cluster: Cluster, worker, root: str, storage: str) -> dict:
     """Lose the second node after epoch 1 is committed, run on with 1 worker, get a node back and grow to 2."""
-    from ray_resnet.train import run_training
+    from ray_resnet.raytrain.driver import run_training
 
     # A worker group asked for more workers than the cluster still has gives up after this (seconds; Ray's default
     # 60), and the next try asks for what fits.
@@ -150,12 +151,12 @@ def single_process_test_acc(cfg, checkpoint: str) -> float:
     images, labels = load_cifar(cfg.data.root, "test", cfg.data.dataset, False, cfg.data.cache_dir)
     keep = take_subset(labels, cfg.data.test_subset, cfg.seed)
     model = build_model(cfg.model, 10)
-    model.load_state_dict(state["model"])
-    return evaluate(model, images[keep], labels[keep], batch_size=200)["acc"]
+    model.load_state_dict(state.model)
+    return evaluate(model, LabeledImages(images[keep], labels[keep]), batch_size=200)["acc"]
 
 
 def main(scenario: str, root: str, storage: str) -> dict:
-    from ray_resnet.train import run_training
+    from ray_resnet.raytrain.driver import run_training
 
     head = {"num_cpus": 2, "object_store_memory": OBJECT_STORE, "include_dashboard": False}  # 8265 may be taken
     cluster = Cluster(initialize_head=True, head_node_args=head)
@@ -168,8 +169,7 @@ def main(scenario: str, root: str, storage: str) -> dict:
         if scenario == "elastic":
             return {**_elastic(cluster, worker, root, storage), "cluster_nodes": node_ids}
         if scenario != "remove_node":
-            summary = run_training(cfg)
-            out = {"summary": summary, "cluster_nodes": node_ids}
+            out = {"summary": _catch(run_training, cfg), "cluster_nodes": node_ids}
         else:  # remove the second node mid-run; add_node/remove_node must run on the main thread
             box: dict = {}
             fit = threading.Thread(target=lambda: box.update(summary=_catch(run_training, cfg)))
@@ -192,8 +192,9 @@ def main(scenario: str, root: str, storage: str) -> dict:
 
 
 def _catch(fn, *args):
+    """`fn`'s RunResult as its result.json content (it crosses a process as JSON), or its error in a line."""
     try:
-        return fn(*args)
+        return json.loads(fn(*args).to_json())
     except Exception as e:  # reported to the test, which checks the message
         return f"{type(e).__name__}: {e}"
 

@@ -108,7 +108,7 @@ def write_torchvision_cifar(root, train_images, train_labels, test_images, test_
 
 def trained_like(name="resnet20", num_classes=10, seed=0):
     """A model whose weights and BN statistics differ from a fresh one, so a skipped key would show."""
-    from ray_resnet.models import build_model
+    from ray_resnet.core.models import build_model
 
     torch.manual_seed(seed)
     model = build_model(name, num_classes)

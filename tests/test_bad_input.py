@@ -18,10 +18,11 @@ import yaml
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from fixtures import own_lines, random_cifar, trained_like, write_parquet_cifar, write_torchvision_cifar
-from ray_resnet import cli
-from ray_resnet.checkpoint import save_checkpoint
+from ray_resnet.apps import cli
 from ray_resnet.config import load_config, save_config, to_dict
+from ray_resnet.core.checkpoint import CheckpointState, save_checkpoint
+
+from fixtures import own_lines, random_cifar, trained_like, write_parquet_cifar, write_torchvision_cifar
 
 # A recipe that is valid for the tiny datasets below: one short epoch.
 QUICK = ["schedule.epochs=1", "schedule.warmup_epochs=0", "schedule.milestones=[]", "optim.batch_size=8"]
@@ -63,7 +64,7 @@ def world(tmp_path_factory, cache_dir) -> World:
     run_dir = storage / "kept"
     cfg = load_config(None, [f"data.root={root}", *QUICK, "run.name=kept", f"run.storage={storage}"])
     save_config(cfg, run_dir / "config.yaml")
-    state = {"model": trained_like().state_dict(), "config": to_dict(cfg), "epoch": 1}
+    state = CheckpointState(trained_like().state_dict(), to_dict(cfg), 1)
     save_checkpoint(state, run_dir / "checkpoint_2026-01-01_00-00-00.000000")
     save_checkpoint(state, run_dir / "best")
     with SummaryWriter(str(run_dir / "tb")) as writer:
@@ -97,7 +98,7 @@ def world(tmp_path_factory, cache_dir) -> World:
     for name, sweep in sweeps.items():
         (files / f"sweep-{name}.yaml").write_text(yaml.safe_dump(sweep))
 
-    torch.save(state, files / "whole.pt")
+    torch.save(state.to_dict(), files / "whole.pt")
     (files / "truncated").mkdir()
     (files / "truncated" / "checkpoint.pt").write_bytes((files / "whole.pt").read_bytes()[:2000])
     torch.save({"model": trained_like("resnet32").state_dict(), "config": to_dict(cfg), "epoch": 1},
@@ -150,8 +151,11 @@ CASES = {
     "recipe typo": (_set("recipe=he2015"), "recipe: expected 'timm' | 'paper' | 'reproduction', got 'he2015'"),
     "normalize typo": (_set("data.normalize=cifar"), "data.normalize: expected 'imagenet' | 'pixel_mean'"),
     "warmup typo": (_set("schedule.warmup=cosine"), "schedule.warmup: expected 'linear' | 'constant'"),
-    "val_split > dataset": (_set("data.val_split=50000"), "data.val_split=50000 leaves fewer training images than "
-                                                         "run.num_workers=1 workers of the 50,000 in cifar10"),
+    "val_split > dataset": (_set("data.val_split=50000"), "data.val_split=50000 holds out all 50,000 training images "
+                                                         "in cifar10"),
+    "val_split > dataset - workers": (_set("data.val_split=49999", "run.num_workers=2"),
+                                      "data.val_split=49999 leaves fewer training images than run.num_workers=2 "
+                                      "workers of the 50,000 in cifar10"),
     "val_split > data": (lambda w: _train(w, "--name", "val40", "--set", "data.val_split=40"),
                          "data.val_split=40 holds out all 40 training images under"),
     # rules between keys

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures import random_cifar, write_parquet_cifar, write_torchvision_cifar
-from ray_resnet import cli
-from ray_resnet.checkpoint import load_checkpoint
+from ray_resnet.apps import cli
 from ray_resnet.config import load_config
 from ray_resnet.constants import NUM_CLASSES
-from ray_resnet.models import build_model
+from ray_resnet.core.checkpoint import load_checkpoint
+from ray_resnet.core.models import build_model
+
+from fixtures import random_cifar, write_parquet_cifar, write_torchvision_cifar
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -35,7 +36,7 @@ def test_cifar100_trains_through_ray_and_evaluates_from_either_layout(ray_local,
     assert cli.main(argv + [a for s in sets for a in ("--set", s)]) == 0
     run_dir = tmp_path / "runs" / "c100"
     best = load_checkpoint(run_dir)
-    assert best["model"]["linear.weight"].shape == torch.Size([100, 64])
+    assert best.model["linear.weight"].shape == torch.Size([100, 64])
     assert json.loads((run_dir / "result.json").read_text())["dataset"] == "cifar100"
     capsys.readouterr()
 
@@ -44,5 +45,5 @@ def test_cifar100_trains_through_ray_and_evaluates_from_either_layout(ray_local,
     assert (evaluated["dataset"], evaluated["count"]) == ("cifar100", 100)
     # Both evaluations run in fp32 on the same images and weights, in two processes whose thread counts may differ:
     # only float32 rounding of the logits and of the loss sum can differ; 1 image is 1 point of accuracy.
-    assert evaluated["loss"] == pytest.approx(best["metrics"]["test_loss"], rel=1e-4)  # same images, same weights
-    assert evaluated["acc"] == pytest.approx(best["metrics"]["test_acc"], abs=1.0)  # <= 1 borderline flip
+    assert evaluated["loss"] == pytest.approx(best.metrics["test_loss"], rel=1e-4)  # same images, same weights
+    assert evaluated["acc"] == pytest.approx(best.metrics["test_acc"], abs=1.0)  # <= 1 borderline flip

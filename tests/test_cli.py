@@ -5,8 +5,9 @@ import re
 import pytest
 import torch
 
+from ray_resnet.apps import cli
+
 from fixtures import own_lines
-from ray_resnet import cli
 
 
 def _error_line(capsys):
@@ -54,9 +55,13 @@ def test_help_lists_the_commands(capsys):
 
 
 def test_the_final_line_gives_the_runs_time_over_all_attempts_and_this_ones():
-    from ray_resnet.cli import wall_time_text
+    from ray_resnet.apps.cli import wall_time_text
+    from ray_resnet.io.rundir import RunResult
 
-    assert wall_time_text({"wall_time_s": 9621.4, "last_attempt_s": 168.1, "attempts": 2}) == \
+    def result(**times):
+        return RunResult.from_dict({"epoch": 182, "epochs": 182, **times})
+
+    assert wall_time_text(result(wall_time_s=9621.4, last_attempt_s=168.1, attempts=2)) == \
         "2:40:21 over 2 attempts, this one 2:48"
-    assert wall_time_text({"wall_time_s": 59.6, "last_attempt_s": 59.6, "attempts": 1}) == "1:00"
-    assert wall_time_text({"wall_time_s": 3600.0}) == "1:00:00"  # a result.json from before attempts were counted
+    assert wall_time_text(result(wall_time_s=59.6, last_attempt_s=59.6, attempts=1)) == "1:00"
+    assert wall_time_text(result(wall_time_s=3600.0)) == "1:00:00"  # a result.json from before attempts were counted

@@ -24,8 +24,9 @@ import yaml
 from jsonschema import ValidationError
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from ray_resnet.core.checkpoint import load_checkpoint
+
 from cluster_scenarios import run_scenario
-from ray_resnet.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # ray and ray-resnet of this environment
@@ -166,10 +167,10 @@ def test_ray_job_submit_trains_on_a_real_head(real_cifar_small, tmp_path):
 
         run_dir = storage / "job-smoke"
         result = json.loads((run_dir / "result.json").read_text())
-        assert result["epoch"] == 1 and load_checkpoint(result["checkpoint"])["epoch"] == 1
+        assert result["epoch"] == 1 and load_checkpoint(result["checkpoint"]).epoch == 1
         assert list((run_dir / "tb").glob("events.out.tfevents.*"))
         uploaded = [d for d in temp_dir.glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*") if d.is_dir()]
-        assert uploaded and all((d / "ray_resnet" / "train.py").is_file() for d in uploaded)
+        assert uploaded and all((d / "ray_resnet" / "raytrain" / "driver.py").is_file() for d in uploaded)
         assert not [p for d in uploaded for p in d.rglob("*") if p.name in (".venv", "runs")]  # .gitignore honoured
         print(f"\n[job submit] ray job submit -> SUCCEEDED in {wall_s:.1f}s (submit to exit)")
     finally:
@@ -192,7 +193,7 @@ def test_two_nodes_spread_workers_and_agree_on_test_accuracy(real_cifar_small, t
 def test_autoscaling_clusters_skip_the_fit_check_and_ask_for_gpus():
     from ray_resnet.config import load_config
     from ray_resnet.errors import RunError
-    from ray_resnet.train import plan_resources
+    from ray_resnet.raytrain.cluster import plan_resources
 
     # 4 GPU workers on this 2-CPU, 0-GPU Ray: refused at once, unless the cluster adds GPU nodes on demand.
     with pytest.raises(RunError, match="do not fit"):
@@ -206,7 +207,7 @@ def test_autoscaling_clusters_skip_the_fit_check_and_ask_for_gpus():
 def test_worker_slots_count_fractions_as_ray_does_and_two_ranks_never_share_a_gpu():
     from ray_resnet.config import load_config
     from ray_resnet.errors import ConfigError
-    from ray_resnet.train import plan_resources, worker_slots
+    from ray_resnet.raytrain.cluster import plan_resources, worker_slots
 
     assert 1.0 // 0.1 == 9.0  # float arithmetic; Ray's fixed-point resources place 10
     assert worker_slots({"GPU": 0.1}, [{"GPU": 1.0}]) == 10
@@ -228,7 +229,7 @@ def test_worker_slots_count_fractions_as_ray_does_and_two_ranks_never_share_a_gp
 
 
 def test_the_runtime_env_shares_settings_and_endpoints_but_never_secrets(monkeypatch):
-    from ray_resnet.train import shared_environment
+    from ray_resnet.raytrain.cluster import shared_environment
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.internal:9000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-ship")

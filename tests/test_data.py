@@ -12,18 +12,12 @@ import torch.nn.functional as F
 import torchvision
 from torchvision.transforms import v2
 
-from ray_resnet import data
 from ray_resnet.constants import NUM_CLASSES
+from ray_resnet.core import datasets as data
+from ray_resnet.core.augment import augment, mean_image, normalize
+from ray_resnet.core.batches import epoch_batches, eval_shard, take_subset
+from ray_resnet.core.datasets import load_cifar
 from ray_resnet.errors import DataNotFoundError
-from ray_resnet.data import (
-    augment,
-    epoch_batches,
-    eval_shard,
-    load_cifar,
-    mean_image,
-    normalize,
-    take_subset,
-)
 
 from fixtures import random_cifar, write_parquet_cifar, write_torchvision_cifar
 
@@ -345,7 +339,8 @@ def test_each_ranks_share_of_a_global_batch_is_augmented_as_in_the_whole_batch(w
     whole = augment(images, _gen(5), erase_p=0.5)
     for rank in range(world_size):
         step = epoch_batches(37, 37, world_size, rank, epoch=0, seed=0, shuffle=False)[0]
-        share = augment(images[step.indices], _gen(5), erase_p=0.5, global_count=37, offset=step.offset)
+        assert step.global_count == 37
+        share = augment(images[step.indices], _gen(5), erase_p=0.5, share=step)
         assert torch.equal(share, whole[step.indices])
 
 

@@ -2,10 +2,19 @@ import pytest
 import torch
 
 from ray_resnet.config import OptimConfig, ScheduleConfig, load_config
-from ray_resnet.fit import steps_per_epoch
-from ray_resnet.data import epoch_batches
-from ray_resnet.engine import evaluate, lr_at, make_optimizer, make_scheduler, train_one_epoch
-from ray_resnet.models import build_model
+from ray_resnet.core.batches import epoch_batches
+from ray_resnet.core.loop import steps_per_epoch
+from ray_resnet.core.models import build_model
+from ray_resnet.core.steps import (
+    LabeledImages,
+    StepSettings,
+    Training,
+    evaluate,
+    lr_at,
+    make_optimizer,
+    make_scheduler,
+    train_one_epoch,
+)
 
 RECIPE = ScheduleConfig()
 
@@ -77,9 +86,11 @@ def test_train_one_epoch_learns_and_reports_metrics():
     model = build_model("resnet20", num_classes=4).to(memory_format=torch.channels_last)
     opt = make_optimizer(model, OptimConfig(lr=0.05))
     sched = make_scheduler(opt, 0.05, ScheduleConfig(warmup_epochs=0), 3)
-    history = [train_one_epoch(model, opt, sched, images, labels, epoch_batches(96, 32, 1, 0, epoch, 0),
-                               torch.Generator().manual_seed(epoch)) for epoch in range(4)]
-    assert set(history[-1]) == {"loss", "acc", "images_per_s", "lr", "time_s"}
+    history = [train_one_epoch(Training(model, opt, sched), LabeledImages(images, labels),
+                               epoch_batches(96, 32, 1, 0, epoch, 0), torch.Generator().manual_seed(epoch))
+               for epoch in range(4)]
+    assert set(history[-1]) == {"loss", "acc", "images_per_s", "lr", "time_s", "count"}
+    assert history[-1]["count"] == 96
     assert history[-1]["images_per_s"] > 0 and history[-1]["lr"] == pytest.approx(0.05)  # LambdaLR's float64 product
     assert history[-1]["loss"] < history[0]["loss"], [m["loss"] for m in history]
     assert 0 <= history[-1]["acc"] <= 100
@@ -88,8 +99,9 @@ def test_train_one_epoch_learns_and_reports_metrics():
 def test_evaluate_counts_only_the_given_indices():
     images, labels = _tiny_data(50)
     model = build_model("resnet20", num_classes=4)
-    whole = evaluate(model, images, labels, batch_size=7)
-    parts = [evaluate(model, images, labels, torch.arange(a, b), batch_size=7) for a, b in ((0, 20), (20, 50))]
+    whole = evaluate(model, LabeledImages(images, labels), batch_size=7)
+    parts = [evaluate(model, LabeledImages(images, labels), torch.arange(a, b), batch_size=7)
+             for a, b in ((0, 20), (20, 50))]
     assert whole["count"] == 50 and [p["count"] for p in parts] == [20, 30]
     # acc is 100 * correct / count in float64: undoing it gives the counts back to ~1e-15, which approx absorbs
     correct = sum(p["acc"] * p["count"] for p in parts) / 100
@@ -107,8 +119,8 @@ def test_channels_last_and_plain_layout_take_the_same_step():
         opt = make_optimizer(model, OptimConfig())
         sched = make_scheduler(opt, 0.1, ScheduleConfig(warmup_epochs=0), 1)  # a full-size step (lr 0.1)
         before = model.linear.weight.detach().clone()
-        train_one_epoch(model, opt, sched, images, labels, epoch_batches(32, 32, 1, 0, 0, 0),
-                        torch.Generator().manual_seed(0), channels_last=channels_last, amp="fp32")
+        train_one_epoch(Training(model, opt, sched), LabeledImages(images, labels), epoch_batches(32, 32, 1, 0, 0, 0),
+                        torch.Generator().manual_seed(0), StepSettings(channels_last=channels_last, amp="fp32"))
         results.append(model.linear.weight.detach().clone())
         assert (results[-1] - before).abs().max() > 1e-3  # the step moved the weights far more than the tolerance
     # fp32 on every CPU (perf.amp auto is bf16 on AMX, whose rounding would follow each layout's kernels): the two

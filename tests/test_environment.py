@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-from ray_resnet import environment
-from ray_resnet.rundir import record_attempt, record_duration, record_worker_group
+from ray_resnet.io import environment
+from ray_resnet.io.rundir import record_attempt, record_duration, record_worker_group
 
 X86 = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu\n"
 ARM = "processor\t: 0\nBogoMIPS\t: 108.00\nCPU implementer\t: 0x41\n\nHardware\t: BCM2835\nModel\t\t: Raspberry Pi 4\n"

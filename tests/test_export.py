@@ -4,12 +4,13 @@ checkpoint's logits on a test batch."""
 import pytest
 import torch
 
-from fixtures import random_cifar, trained_like, write_parquet_cifar
-from ray_resnet import cli
-from ray_resnet.checkpoint import save_checkpoint
+from ray_resnet.apps import cli
+from ray_resnet.apps.export import onnx_missing
 from ray_resnet.config import Config, to_dict
-from ray_resnet.data import normalize
-from ray_resnet.export import onnx_missing
+from ray_resnet.core.augment import normalize
+from ray_resnet.core.checkpoint import CheckpointState, save_checkpoint
+
+from fixtures import random_cifar, trained_like, write_parquet_cifar
 
 
 @pytest.fixture
@@ -19,14 +20,14 @@ def checkpoint_and_batch(tmp_path, cache_dir):
     model = trained_like("resnet20")
     cfg = to_dict(Config(model="resnet20"))
     cfg["data"]["root"] = str(tmp_path / "data")
-    save_checkpoint({"model": model.state_dict(), "config": cfg, "epoch": 3}, tmp_path / "run" / "best")
+    save_checkpoint(CheckpointState(model.state_dict(), cfg, 3), tmp_path / "run" / "best")
     return tmp_path / "run", model, normalize(images)
 
 
 def _reload(path, fmt):
     """Each file as a user without ray-resnet would load it."""
     if fmt == "state_dict":
-        from ray_resnet.models import build_model
+        from ray_resnet.core.models import build_model
 
         model = build_model("resnet20")
         model.load_state_dict(torch.load(path, weights_only=True))

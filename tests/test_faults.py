@@ -19,14 +19,15 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cluster_scenarios import committed_epoch, run_scenario
-from ray_resnet import storage
-from ray_resnet.checkpoint import load_checkpoint
 from ray_resnet.config import load_config
+from ray_resnet.core.checkpoint import load_checkpoint
+from ray_resnet.core.loop import Hooks
 from ray_resnet.errors import RunError
-from ray_resnet.fit import Hooks
-from ray_resnet.rundir import latest_checkpoint
-from ray_resnet.train import run_training
+from ray_resnet.io import storage
+from ray_resnet.io.rundir import latest_checkpoint
+from ray_resnet.raytrain.driver import run_training
+
+from cluster_scenarios import committed_epoch, run_scenario
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ class TrainProcess:
         self.start = time.perf_counter()
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ray_resnet.cli", "train", "--data", str(root), "--storage",
+                [sys.executable, "-m", "ray_resnet", "train", "--data", str(root), "--storage",
                  storage or str(tmp_path), "--name", name, *sets, *args], env=env, stdout=log, stderr=subprocess.STDOUT,
                 cwd=tmp_path)
         self.family: set[psutil.Process] = set()
@@ -190,8 +191,8 @@ def test_killed_driver_rerun_continues_from_latest_checkpoint(real_cifar_small, 
     assert attempts[0]["duration_s"] > 0 and result["last_attempt_s"] == attempts[1]["duration_s"]
     assert re.search(r"3/3 epochs in \d+:\d\d over 2 attempts, this one \d+:\d\d: ", second.log), second.log[-3000:]
     best, final = load_checkpoint(run_dir / "best"), load_checkpoint(result["checkpoint"])
-    assert best["epoch"] == final["best_epoch"] == result["best_epoch"]  # best/ agrees with the finished run
-    assert all(torch.equal(best["model"][k], v) for k, v in final["best"]["model"].items())
+    assert best.epoch == final.best_epoch == result["best_epoch"]  # best/ agrees with the finished run
+    assert all(torch.equal(best.model[k], v) for k, v in final.best.model.items())
     print(f"\n[fault b] SIGKILL of the driver {killed_at_s:.1f}s after start (epochs done: {finished_before_kill}); "
           f"rerun resumed from epoch {resumed}: {finished_before_kill - resumed} finished epoch(s) lost")
 
@@ -209,7 +210,7 @@ def test_killed_worker_without_restarts_left_stops_in_one_line(real_cifar_small,
     assert len(errors) == 1, run.log[-3000:]
     assert "Ray Train gave up after run.max_failures=0 restart(s)" in errors[0]
     assert "rerun the same command to resume" in errors[0]
-    assert load_checkpoint(latest_checkpoint(tmp_path / "nr"))["epoch"] >= 1  # the committed checkpoint stays
+    assert load_checkpoint(latest_checkpoint(tmp_path / "nr")).epoch >= 1  # the committed checkpoint stays
 
 # --- c. a node of a simulated two-node cluster removed mid-run ------------------------------------------------
 
@@ -266,8 +267,8 @@ class _PoisonAfterFirstEpoch(Hooks):
     would: epoch 2's loss overflows."""
 
     def checkpoint_due(self, state, *, latest, best):
-        weights = state()["model"]  # the live tensors of the model
-        if state()["epoch"] == 1:
+        weights = state().model  # the live tensors of the model
+        if state().epoch == 1:
             for value in weights.values():
                 if value.is_floating_point():
                     value.mul_(1e30)
@@ -287,8 +288,8 @@ def test_nan_loss_stops_at_once_naming_epoch_and_intact_checkpoint(real_cifar_sm
     elapsed = time.perf_counter() - start
     checkpoint = str(e.value).split("the last good checkpoint is ")[1].split(" (epoch")[0]
     state = load_checkpoint(checkpoint)
-    assert state["epoch"] == 1 and all(v.isfinite().all() for v in state["model"].values() if v.is_floating_point())
-    assert load_checkpoint(run_dir / "best")["epoch"] == 1
+    assert state.epoch == 1 and all(v.isfinite().all() for v in state.model.values() if v.is_floating_point())
+    assert load_checkpoint(run_dir / "best").epoch == 1
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "diverged" and result["diverged"]["epoch"] == 2  # recorded, not "finished"
     assert tb_steps(run_dir) == [1]
@@ -316,16 +317,16 @@ def test_half_written_checkpoint_is_never_resumed_from_and_a_damaged_one_fails_c
     (run_dir / "best" / "checkpoint.pt.tmp").write_bytes(data[: len(data) // 3])
 
     summary = run_training(_cfg(real_cifar_small, tmp_path, "half", "schedule.epochs=2"))
-    assert summary["epoch"] == 2 and Path(summary["checkpoint"]).parent == run_dir
-    assert Path(summary["checkpoint"]) != half and load_checkpoint(summary["checkpoint"])["epoch"] == 2
+    assert summary.epoch == 2 and Path(summary.checkpoint).parent == run_dir
+    assert Path(summary.checkpoint) != half and load_checkpoint(summary.checkpoint).epoch == 2
     assert tb_steps(run_dir) == [1, 2]  # resumed after epoch 1: epoch 1 not trained twice
 
     # A checkpoint Ray committed but that got damaged on disk afterwards cannot be skipped (Ray resumes from the
     # latest only), and every restart would fail the same way: the rerun stops before starting Ray, in one line.
-    latest = Path(summary["checkpoint"]) / "checkpoint.pt"
+    latest = Path(summary.checkpoint) / "checkpoint.pt"
     latest.write_bytes(latest.read_bytes()[:1000])
     before = sorted(p.name for p in run_dir.iterdir())
     with pytest.raises(RunError, match=r"cannot resume half: cannot read checkpoint .*Move that checkpoint dir aside"):
         run_training(_cfg(real_cifar_small, tmp_path, "half", "schedule.epochs=3", "run.max_failures=1"))
     assert sorted(p.name for p in run_dir.iterdir()) == before  # nothing deleted
-    assert load_checkpoint(run_dir / "best")["epoch"] == summary["best_epoch"]  # untouched
+    assert load_checkpoint(run_dir / "best").epoch == summary.best_epoch  # untouched

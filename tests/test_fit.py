@@ -4,11 +4,12 @@ exactly what the uninterrupted run trains."""
 import pytest
 import torch
 
-from fixtures import colour_coded_cifar
-from ray_resnet.checkpoint import best_checkpoint, load_checkpoint, restore_training_state, save_checkpoint, sync_best
 from ray_resnet.config import load_config
-from ray_resnet.data import eval_shard
-from ray_resnet.fit import Diverged, Hooks, build_training, fit, select_splits, steps_per_epoch
+from ray_resnet.core.batches import eval_shard
+from ray_resnet.core.checkpoint import CheckpointState, load_checkpoint, save_checkpoint, sync_best
+from ray_resnet.core.loop import Diverged, Hooks, build_training, fit, select_splits, steps_per_epoch
+
+from fixtures import colour_coded_cifar
 
 CPU = torch.device("cpu")
 
@@ -38,8 +39,8 @@ class Recorder(Hooks):
 
     def checkpoint_due(self, state, *, latest, best):
         contents = state()
-        self.states[contents["epoch"]] = contents
-        self.events.append(("checkpoint", contents["epoch"], latest, best))
+        self.states[contents.epoch] = contents
+        self.events.append(("checkpoint", contents.epoch, latest, best))
 
     def epoch_end(self, metrics):
         self.events.append(("epoch", metrics["epoch"]))
@@ -59,7 +60,7 @@ def test_fit_calls_its_hooks_in_order_with_the_run_state():
     assert hook.events[-1] == ("epoch", 3) and hook.events.index(("epoch", 1)) > hook.events.index(("step", 2, 32))
     assert {"train_loss", "test_acc", "best_test_acc", "best_epoch", "lr", "epoch_time_s"} <= set(hook.last)
     state = hook.states[3]
-    assert state["epoch"] == 3 and state["config"]["model"] == "resnet8" and state["metrics"]["epoch"] == 3
+    assert state.epoch == 3 and state.config["model"] == "resnet8" and state.metrics["epoch"] == 3
 
 
 def test_the_first_epoch_is_the_best_so_far_even_at_zero_accuracy():
@@ -92,7 +93,7 @@ def test_resuming_from_the_checkpoint_state_trains_what_the_uninterrupted_run_tr
     first = Recorder()
     fit(_cfg("schedule.epochs=1", "schedule.warmup_epochs=1"), _training(cfg, data), data, hooks=[first])
     resumed = _training(cfg, data)
-    progress = restore_training_state(first.states[1], resumed.core, resumed.optimizer, resumed.scheduler)
+    progress = first.states[1].restore(resumed)
     assert progress.epoch == 1
     fit(cfg, resumed, data, progress=progress)
     for a, b in zip(whole.core.state_dict().values(), resumed.core.state_dict().values()):
@@ -109,14 +110,14 @@ def test_best_dir_follows_the_checkpoint_a_run_resumes_from(tmp_path):
     hook = Recorder()
     fit(cfg, _training(cfg, data), data, hooks=[hook])
     best_dir = tmp_path / "best"
-    save_checkpoint(best_checkpoint(hook.states[3]), best_dir)  # what the crashed attempt left
+    save_checkpoint(hook.states[3].best_only(), best_dir)  # what the crashed attempt left
     committed = hook.states[1]
 
     sync_best(committed, best_dir)
     best = load_checkpoint(best_dir)
-    assert best["epoch"] == committed["best_epoch"] == 1 and best["kind"] == "best"
-    for key, value in committed["model"].items():
-        assert torch.equal(best["model"][key], value)
+    assert best.epoch == committed.best_epoch == 1 and best.kind == "best"
+    for key, value in committed.model.items():
+        assert torch.equal(best.model[key], value)
     before = (best_dir / "checkpoint.pt").stat().st_mtime_ns
     sync_best(committed, best_dir)  # already in agreement: left alone
     assert (best_dir / "checkpoint.pt").stat().st_mtime_ns == before
@@ -130,11 +131,11 @@ def test_a_later_checkpoint_still_holds_the_best_epochs_model():
     hook = Recorder()
     fit(cfg, _training(cfg, data), data, hooks=[hook])
     last = hook.states[3]
-    best_epoch = last["best_epoch"]
-    assert last["best"]["metrics"]["epoch"] == best_epoch
+    best_epoch = last.best_epoch
+    assert last.best.metrics["epoch"] == best_epoch
     if best_epoch in hook.states:  # the best epoch's own checkpoint: the same weights
-        for key, value in hook.states[best_epoch]["model"].items():
-            assert torch.equal(last["best"]["model"][key], value)
+        for key, value in hook.states[best_epoch].model.items():
+            assert torch.equal(last.best.model[key], value)
 
 
 def _arrays(n=200):
@@ -194,7 +195,7 @@ def test_best_follows_validation_accuracy_and_keeps_its_test_accuracy():
     assert new_bests == [m["epoch"] for i, m in enumerate(epochs)
                          if m["val_acc"] > max([0.0] + [p["val_acc"] for p in epochs[:i]])]
     state = hook.states[4]
-    assert torch.equal(state["pixel_mean"], data.pixel_mean) and best_checkpoint(state)["best_val_acc"] == best["val_acc"]
+    assert torch.equal(state.pixel_mean, data.pixel_mean) and state.best_only().best_val_acc == best["val_acc"]
 
 
 def test_checkpoints_from_before_val_splits_resume():
@@ -202,17 +203,18 @@ def test_checkpoints_from_before_val_splits_resume():
     data = _data(cfg)
     hook = Recorder()
     fit(cfg, _training(cfg, data), data, hooks=[hook])
-    old = {k: v for k, v in hook.states[1].items() if k not in ("best_val_acc", "pixel_mean")}
+    old = {k: v for k, v in hook.states[1].to_dict().items() if k not in ("best_val_acc", "pixel_mean", "format_version")}
     resumed = _training(cfg, data)
-    progress = restore_training_state(old, resumed.core, resumed.optimizer, resumed.scheduler)
-    assert (progress.best_val_acc, progress.best_test_acc) == (0.0, hook.states[1]["best_test_acc"])
+    progress = CheckpointState.from_dict(old, "old.pt").restore(resumed)
+    assert (progress.best_val_acc, progress.best_test_acc) == (0.0, hook.states[1].best_test_acc)
 
 
 def test_eval_of_a_pixel_mean_run_normalises_as_training_did(tmp_path, cache_dir, capsys):
     import json
 
+    from ray_resnet.apps import cli
+
     from fixtures import write_parquet_cifar
-    from ray_resnet import cli
 
     arrays = _arrays(160)
     write_parquet_cifar(tmp_path / "cifar", arrays["test_images"], arrays["test_labels"], "test")
@@ -220,11 +222,11 @@ def test_eval_of_a_pixel_mean_run_normalises_as_training_did(tmp_path, cache_dir
     data = select_splits(cfg, arrays)
     hook = Recorder()
     fit(cfg, _training(cfg, data), data, hooks=[hook])
-    save_checkpoint(best_checkpoint(hook.states[1]), tmp_path / "best")
+    save_checkpoint(hook.states[1].best_only(), tmp_path / "best")
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "best"), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # The same weights, images and batch (40) in fp32 in this process: equal unless a kernel rounds otherwise; 1 image
     # is 2.5 points, so this allows 1 borderline top-1 flip.
-    assert evaluated["acc"] == pytest.approx(hook.states[1]["metrics"]["test_acc"], abs=2.6)  # <= 1 of 40 flips
+    assert evaluated["acc"] == pytest.approx(hook.states[1].metrics["test_acc"], abs=2.6)  # <= 1 of 40 flips
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "best")]) == 0
     assert "the highest validation accuracy during training, on 40 held-out training images" in capsys.readouterr().out

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from ray_resnet.core.models import MODEL_NAMES, build_model, count_parameters
+
 from fixtures import trained_like
-from ray_resnet.models import MODEL_NAMES, build_model, count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,12 +35,11 @@ def test_torch_hub_loads_every_model_from_the_repo(tmp_path):
         torch.hub.load(str(REPO), "resnet32", source="local", pretrained=True)
 
 
-def test_importing_ray_resnet_does_not_import_timm_but_registers_once_timm_is_imported():
+def test_importing_ray_resnet_does_not_import_timm_and_ray_resnet_timm_registers_the_models():
     pytest.importorskip("timm")
     script = (
-        "import importlib.util, sys, ray_resnet; assert 'timm' not in sys.modules\n"
-        "assert importlib.util.find_spec('timm') is not None and 'timm' not in sys.modules  # a look, no import\n"
-        "import timm; m = timm.create_model('cifar_resnet32', num_classes=100)\n"
+        "import sys, ray_resnet, ray_resnet.core.models; assert 'timm' not in sys.modules\n"
+        "import ray_resnet.timm, timm; m = timm.create_model('cifar_resnet32', num_classes=100)\n"
         "print(type(m).__name__, m.linear.out_features, len(timm.list_models('cifar_*')))\n"
         "print(timm.data.resolve_model_data_config(m)['input_size'])\n"
     )
@@ -50,9 +50,9 @@ def test_importing_ray_resnet_does_not_import_timm_but_registers_once_timm_is_im
 
 def test_timm_creates_our_models_and_reads_akamaster_files(tmp_path):
     timm = pytest.importorskip("timm")
-    from ray_resnet.timm_models import register_when_timm_is_imported
+    from ray_resnet.timm import register_with_timm
 
-    register_when_timm_is_imported()  # timm imported first: registers at once (again: a no-op)
+    register_with_timm()  # again: a no-op
     model = timm.create_model("cifar_resnet20")
     assert count_parameters(model) == count_parameters(build_model("resnet20"))
     trained = trained_like("resnet20", seed=1)
@@ -60,7 +60,7 @@ def test_timm_creates_our_models_and_reads_akamaster_files(tmp_path):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(from_file.eval()(x), trained(x))
-    assert timm.models.model_entrypoint("cifar_resnet20").__module__ == "ray_resnet.timm_models"
+    assert timm.models.model_entrypoint("cifar_resnet20").__module__ == "ray_resnet.timm"
     assert timm.models.model_entrypoint("resnet26").__module__ == "timm.models.resnet"  # timm's own: untouched
     with pytest.raises(ValueError, match="takes only num_classes"):
         timm.create_model("cifar_resnet20", drop_rate=0.1)

@@ -6,8 +6,11 @@ import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PURE = ["models", "data", "engine", "config", "checkpoint", "weights", "export", "report", "fit", "runlog", "rundir",
-        "environment", "constants", "errors", "tb_server", "cli"]
+PACKAGE = REPO / "ray_resnet"
+RAY_LAYER = PACKAGE / "raytrain"
+# Every module outside the Ray layer, by its dotted name.
+PURE = sorted(".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+              for p in PACKAGE.rglob("*.py") if RAY_LAYER not in p.parents and p.name != "__main__.py")
 
 
 def _python(code: str, cwd: Path) -> str:
@@ -18,35 +21,36 @@ def _python(code: str, cwd: Path) -> str:
 
 
 def test_importing_the_pure_modules_leaves_ray_unloaded(tmp_path):
-    imports = "; ".join(f"import ray_resnet.{name}" for name in PURE)
+    assert len(PURE) > 20 and "ray_resnet.core.loop" in PURE and "ray_resnet.timm" in PURE
+    imports = "; ".join(f"import {name}" for name in PURE if name != "ray_resnet.timm") + "; import ray_resnet.timm"
     assert _python(f"import sys; {imports}; print('ray' in sys.modules)", tmp_path) == "False"
 
 
 def test_eval_export_report_tensorboard_and_help_never_import_ray(tmp_path):
-    out = _python(f"""
+    out = _python("""
         import os, sys, yaml
         from fixtures import random_cifar, trained_like, write_parquet_cifar
         from torch.utils.tensorboard import SummaryWriter
-        from ray_resnet import cli
-        from ray_resnet.checkpoint import save_checkpoint
+        from ray_resnet.apps import cli
+        from ray_resnet.core.checkpoint import CheckpointState, save_checkpoint
         from ray_resnet.config import Config, save_config, to_dict
 
         write_parquet_cifar("data", *random_cifar(20), "test")
         config = to_dict(Config(model="resnet20"))
-        save_checkpoint({{"model": trained_like().state_dict(), "config": config, "epoch": 1}}, "sweep/r-s0/best")
+        save_checkpoint(CheckpointState(trained_like().state_dict(), config, 1), "sweep/r-s0/best")
         save_config(Config(model="resnet20"), "sweep/r-s0/config.yaml")
         with SummaryWriter("sweep/r-s0/tb") as w:
             w.add_scalar("test/acc", 10.0, 1)
-        open("sweep/sweep.yaml", "w").write(yaml.safe_dump({{"name": "s", "grid": {{"seed": [0]}}}}))
+        open("sweep/sweep.yaml", "w").write(yaml.safe_dump({"name": "s", "grid": {"seed": [0]}}))
         os.execv = lambda *argv: print("exec", argv[0])  # `tensorboard` replaces itself by TensorBoard
-        commands = {{
+        commands = {
             "eval": ["eval", "--checkpoint", "sweep/r-s0", "--data", "data"],
             "export": ["export", "--checkpoint", "sweep/r-s0", "--data", "data", "--format", "state_dict",
                        "--output", "r.pt"],
             "report": ["report", "sweep"],
             "tensorboard": ["tensorboard", "sweep"],
             "--help": ["--help"],
-        }}
+        }
         loaded = []
         for name, argv in commands.items():
             try:

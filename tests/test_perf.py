@@ -7,10 +7,19 @@ import pytest
 import torch
 
 from ray_resnet.config import OptimConfig, ScheduleConfig
-from ray_resnet.data import augment, epoch_batches
-from ray_resnet.engine import (autocast, compile_model, make_optimizer, make_scheduler, train_one_epoch,
-                               training_precision)
-from ray_resnet.models import build_model
+from ray_resnet.core.augment import augment
+from ray_resnet.core.batches import epoch_batches
+from ray_resnet.core.models import build_model
+from ray_resnet.core.precision import autocast, training_precision
+from ray_resnet.core.steps import (
+    LabeledImages,
+    StepSettings,
+    Training,
+    compile_model,
+    make_optimizer,
+    make_scheduler,
+    train_one_epoch,
+)
 
 NO_WARMUP = ScheduleConfig(warmup_epochs=0)
 
@@ -27,9 +36,9 @@ def _one_step(model_name, images, labels, device="cpu", compile="off", **perf):
     before = [p.detach().clone() for p in model.parameters()]
     opt = make_optimizer(model, OptimConfig(lr=0.1))
     sched = make_scheduler(opt, 0.1, NO_WARMUP, 1)
-    metrics = train_one_epoch(compile_model(model, torch.device(device), compile), opt, sched, images, labels,
-                              epoch_batches(len(labels), len(labels), 1, 0, 0, 0),
-                              torch.Generator(device).manual_seed(0), **perf)
+    training = Training(compile_model(model, torch.device(device), compile), opt, sched, core=model)
+    metrics = train_one_epoch(training, LabeledImages(images, labels), epoch_batches(len(labels), len(labels), 1, 0, 0, 0),
+                              torch.Generator(device).manual_seed(0), StepSettings(**perf))
     return before, [p.detach() for p in model.parameters()], metrics
 
 
@@ -105,12 +114,13 @@ def test_training_steps_do_not_sync_the_host_on_cuda():
         opt = make_optimizer(model, OptimConfig())
         sched = make_scheduler(opt, 0.1, NO_WARMUP, 6)
         steps = epoch_batches(n, 16, 1, 0, 0, 0)
-        train_one_epoch(model, opt, sched, images, labels, steps, torch.Generator("cuda").manual_seed(0))  # warm
+        training, data = Training(model, opt, sched), LabeledImages(images, labels)
+        train_one_epoch(training, data, steps, torch.Generator("cuda").manual_seed(0))  # warm
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                train_one_epoch(model, opt, sched, images, labels, steps, torch.Generator("cuda").manual_seed(0))
+                train_one_epoch(training, data, steps, torch.Generator("cuda").manual_seed(0))
         finally:
             torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchronizing" in str(w.message) for w in caught))

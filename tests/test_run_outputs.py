@@ -18,13 +18,14 @@ import ray
 import torch
 from torch import nn
 
-from ray_resnet import cli
+from ray_resnet.apps import cli
+from ray_resnet.apps.export import exported_logits, onnx_missing
 from ray_resnet.config import load_config
-from ray_resnet.data import load_cifar, normalize
-from ray_resnet.engine import training_precision
-from ray_resnet.environment import cpu_model
-from ray_resnet.export import exported_logits, onnx_missing
-from ray_resnet.train import run_training
+from ray_resnet.core.augment import normalize
+from ray_resnet.core.datasets import load_cifar
+from ray_resnet.core.precision import training_precision
+from ray_resnet.io.environment import cpu_model
+from ray_resnet.raytrain.driver import run_training
 
 EPOCHS = 2
 SCALAR_TAGS = {"train/loss", "train/acc", "test/loss", "test/acc", "lr"}
@@ -40,7 +41,7 @@ def finished_run(ray_local, real_cifar_small, tmp_path_factory):
                              "data.test_subset=200", "optim.batch_size=64", "optim.lr=0.05",
                              "perf.eval_batch_size=200", f"run.log_every_steps={LOG_EVERY_STEPS}"])
     summary = run_training(cfg)
-    assert summary["epoch"] == EPOCHS
+    assert summary.epoch == EPOCHS
     return storage / "served"
 
 
@@ -123,7 +124,7 @@ def test_tensorboard_serves_every_scalar_and_the_hparams_session(finished_run, t
 
 def test_ray_resnet_tensorboard_serves_a_run_dir_and_refuses_an_empty_one(finished_run, tmp_path, capsys):
     port = _free_port()
-    served = Served([sys.executable, "-m", "ray_resnet.cli", "tensorboard", str(finished_run), "--port", str(port)],
+    served = Served([sys.executable, "-m", "ray_resnet", "tensorboard", str(finished_run), "--port", str(port)],
                     tmp_path / "cli.log", port)
     try:
         served.request("/data/plugin/scalars/tags", ready=lambda t: SCALAR_TAGS <= set(t.get("tb", {})))

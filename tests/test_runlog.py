@@ -4,11 +4,11 @@ and when progress lines are printed, on a fake clock."""
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from test_fit import Recorder, _cfg, _data, _training
-from ray_resnet.engine import lr_at
-from ray_resnet.fit import fit
-from ray_resnet.runlog import FIRST_PROGRESS_S, ProgressLines, RunLog, progress_every_s
+
+from ray_resnet.core.loop import fit
+from ray_resnet.core.runlog import FIRST_PROGRESS_S, ProgressLines, RunLog, progress_every_s
+from ray_resnet.core.steps import lr_at
 
 
 def _scalars(directory, tag):

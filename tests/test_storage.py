@@ -7,19 +7,20 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from ray_resnet.apps import cli
+from ray_resnet.apps.report import read_curve
+from ray_resnet.config import Config, read_config, save_config
+from ray_resnet.core.checkpoint import CheckpointState, load_checkpoint, save_checkpoint
+from ray_resnet.io import storage
+
 from cluster_scenarios import committed_epoch, run_scenario
 from fixtures import own_lines
 from s3_server import BUCKET, S3Server
-from ray_resnet import cli, storage
-from ray_resnet.checkpoint import load_checkpoint, save_checkpoint
-from ray_resnet.config import Config, read_config, save_config
-from ray_resnet.report import read_curve
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.train_subset=256", "data.test_subset=200", "optim.batch_size=64", "schedule.warmup_epochs=0",
@@ -34,7 +35,7 @@ def ray_resnet(s3, cwd: Path, *argv: str, timeout: float = 400) -> subprocess.Co
     """`ray-resnet ...` in a fresh process (its own embedded Ray) with the S3 settings in its environment."""
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **s3.env}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-m", "ray_resnet.cli", *argv], cwd=cwd, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "ray_resnet", *argv], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -60,8 +61,8 @@ def test_files_checkpoints_and_configs_round_trip_through_s3(s3_env, tmp_path):
     assert storage.read_json(f"{base}/a/missing.json") is None
     save_config(Config(model="resnet32"), f"{base}/run/config.yaml")
     assert read_config(f"{base}/run/config.yaml").model == "resnet32"
-    save_checkpoint({"model": {}, "config": {"model": "resnet20"}, "epoch": 3}, f"{base}/run/best")
-    assert load_checkpoint(f"{base}/run")["epoch"] == 3  # a run dir resolves to its best checkpoint
+    save_checkpoint(CheckpointState({}, {"model": "resnet20"}, 3), f"{base}/run/best")
+    assert load_checkpoint(f"{base}/run").epoch == 3  # a run dir resolves to its best checkpoint
     (tmp_path / "tb").mkdir()
     (tmp_path / "tb" / "events.out.tfevents.1").write_bytes(b"x" * 1000)
     storage.upload_dir(tmp_path / "tb", f"{base}/run/tb")
@@ -164,7 +165,7 @@ def test_a_two_worker_run_lives_in_the_bucket_and_every_command_reads_it(s3_env,
     from test_run_outputs import SCALAR_TAGS, Served, _free_port
 
     port = _free_port()
-    served = Served([sys.executable, "-m", "ray_resnet.cli", "tensorboard", run, "--port", str(port)],
+    served = Served([sys.executable, "-m", "ray_resnet", "tensorboard", run, "--port", str(port)],
                     tmp_path / "tb.log", port)
     try:
         tags = served.request("/data/plugin/scalars/tags", ready=lambda t: SCALAR_TAGS <= set(t.get("tb", {})))

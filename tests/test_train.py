@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ray_resnet import cli
-from ray_resnet.checkpoint import load_checkpoint
+from ray_resnet.apps import cli
 from ray_resnet.config import load_config, replace, save_config
+from ray_resnet.core.checkpoint import load_checkpoint
+from ray_resnet.core.loop import Hooks
 from ray_resnet.errors import ConfigError, RunError
-from ray_resnet.fit import Hooks
-from ray_resnet.rundir import resolve_run
-from ray_resnet.train import run_training
+from ray_resnet.io.rundir import resolve_run
+from ray_resnet.raytrain.driver import run_training
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -40,14 +40,14 @@ def test_two_workers_learn_checkpoint_log_resume_and_eval(real_cifar_small, tmp_
     cfg = _cfg(real_cifar_small, tmp_path, "r20", "schedule.epochs=2", "run.num_workers=2", "run.log_every_steps=4")
     first = run_training(cfg)
     run_dir = tmp_path / "r20"
-    assert first["epoch"] == 2 and 0 <= first["final_test_acc"] <= 100
+    assert first.epoch == 2 and 0 <= first.final_test_acc <= 100
     assert (run_dir / "config.yaml").is_file() and (run_dir / "result.json").is_file()
-    assert load_checkpoint(first["checkpoint"])["epoch"] == 2
+    assert load_checkpoint(first.checkpoint).epoch == 2
 
     # Rerunning the same name with more epochs resumes: the second attempt trains epoch 3 only.
     second = run_training(_cfg(real_cifar_small, tmp_path, "r20", "schedule.epochs=3", "run.num_workers=2",
                                "run.log_every_steps=4"))
-    assert second["epoch"] == 3
+    assert second.epoch == 3
     per_file = _scalars(run_dir, "train/loss")
     assert [step for step, _ in per_file[0]] == [1, 2] and [step for step, _ in per_file[1]] == [3]
     losses = [v for f in per_file for _, v in f]
@@ -65,24 +65,24 @@ def test_two_workers_learn_checkpoint_log_resume_and_eval(real_cifar_small, tmp_
     moved = tmp_path / "moved-data"
     shutil.copytree(real_cifar_small, moved)
     again = run_training(_cfg(moved, tmp_path, "r20", "schedule.epochs=3", "run.num_workers=2"))
-    assert again.get("already_finished") and again["epoch"] == 3
+    assert again.already_finished and again.epoch == 3
 
     # A torn result.json (as an older version could leave it) does not break the rerun: it finishes again.
     (run_dir / "result.json").write_text('{"name": "r20", "epo')
-    assert run_training(_cfg(real_cifar_small, tmp_path, "r20", "schedule.epochs=3", "run.num_workers=2"))["epoch"] == 3
+    assert run_training(_cfg(real_cifar_small, tmp_path, "r20", "schedule.epochs=3", "run.num_workers=2")).epoch == 3
     assert json.loads((run_dir / "result.json").read_text())["status"] == "finished"
 
     # eval on the best checkpoint reproduces the accuracy recorded during training, and says what it evaluated.
     best = load_checkpoint(run_dir)
-    assert best["epoch"] == second["best_epoch"]
+    assert best.epoch == second.best_epoch
     assert cli.main(["eval", "--checkpoint", str(run_dir / "best"), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["count"] == 500 and evaluated["kind"] == "best"
     # The workers evaluated 250 images each with 1 torch thread, eval here with this process's threads: float32
     # kernels may round otherwise; 1 image of 500 is 0.2 points.
-    assert evaluated["acc"] == pytest.approx(best["metrics"]["test_acc"], abs=0.41)  # <= 2 borderline flips
+    assert evaluated["acc"] == pytest.approx(best.metrics["test_acc"], abs=0.41)  # <= 2 borderline flips
     assert cli.main(["eval", "--checkpoint", str(run_dir)]) == 0
-    assert f"from the best checkpoint (epoch {best['epoch']}: the highest test accuracy during training, i.e. " \
+    assert f"from the best checkpoint (epoch {best.epoch}: the highest test accuracy during training, i.e. " \
            "selected on the test set" in capsys.readouterr().out
     assert cli.main(["eval", "--checkpoint", str(run_dir), "--final"]) == 0
     assert "from the final checkpoint of epoch 3," in capsys.readouterr().out
@@ -92,10 +92,10 @@ def test_same_seed_gives_the_same_first_epoch(real_cifar_small, tmp_path):
     losses = []
     for name in ("a", "b"):
         run_training(_cfg(real_cifar_small, tmp_path, name, "schedule.epochs=1", "data.train_subset=256"))
-        losses.append(load_checkpoint(tmp_path / name / "best")["metrics"]["train_loss"])
+        losses.append(load_checkpoint(tmp_path / name / "best").metrics["train_loss"])
     assert losses[0] == losses[1]
     run_training(_cfg(real_cifar_small, tmp_path, "c", "schedule.epochs=1", "data.train_subset=256", "seed=1"))
-    assert load_checkpoint(tmp_path / "c" / "best")["metrics"]["train_loss"] != losses[0]
+    assert load_checkpoint(tmp_path / "c" / "best").metrics["train_loss"] != losses[0]
 
 
 def test_more_workers_than_the_cluster_has_fails_fast(real_cifar_small, tmp_path):
@@ -119,7 +119,7 @@ def test_a_run_dir_with_another_recipe_is_not_resumed(real_cifar_small, tmp_path
 def test_a_corrupt_checkpoint_stops_the_resume_with_a_clear_error(real_cifar_small, tmp_path):
     cfg = _cfg(real_cifar_small, tmp_path, "c", "schedule.epochs=1", "data.train_subset=128")
     first = run_training(cfg)
-    ckpt = Path(first["checkpoint"]) / "checkpoint.pt"
+    ckpt = Path(first.checkpoint) / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])  # as if the disk filled up mid-write
     before = sorted(p.name for p in (tmp_path / "c").iterdir())
     with pytest.raises(RunError, match="cannot resume c: cannot read checkpoint .*Move that checkpoint dir aside"):

@@ -12,12 +12,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fixtures import colour_coded_cifar, own_lines, write_parquet_cifar
-from ray_resnet import cli
-from ray_resnet.report import read_runs
+from ray_resnet.apps import cli
+from ray_resnet.apps.report import read_runs
 from ray_resnet.errors import SweepError
-from ray_resnet.train import load_dataset
-from ray_resnet.tune import _max_concurrent, grid_configs, load_sweep, run_sweep, trial_count, trial_name, tune_metric
+from ray_resnet.raytrain.driver import load_dataset
+from ray_resnet.raytrain.sweep import (
+    _max_concurrent,
+    grid_configs,
+    load_sweep,
+    run_sweep,
+    trial_count,
+    trial_name,
+    tune_metric,
+)
+
+from fixtures import colour_coded_cifar, own_lines, write_parquet_cifar
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 # Tiny trials: 1 CPU each so two run at once on the 2-CPU test cluster.
@@ -206,8 +215,8 @@ def test_asha_stops_a_bad_learning_rate_early(tmp_path):
     })
     sweep = load_sweep(file, storage=str(tmp_path / "sweeps"))
     outcome = run_sweep(sweep)
-    assert not outcome["errors"]
-    assert outcome["finished"] == 1 and (Path(sweep.dir) / "resnet20-s0-lr=0.01" / "result.json").is_file()
+    assert not outcome.errors
+    assert outcome.finished == 1 and (Path(sweep.dir) / "resnet20-s0-lr=0.01" / "result.json").is_file()
     assert {"optim.lr", "model", "seed"} <= _hparam_names(Path(sweep.dir) / "resnet20-s0-lr=0.01")  # swept keys in HParams
     _, runs = read_runs(sweep.dir)
     assert {r.name: (r.epoch, bool(r.finished)) for r in runs} == {
@@ -341,9 +350,9 @@ def test_trial_names_tell_close_grid_values_apart(tmp_path):
 
 
 def test_resume_takes_a_moved_dataset_and_other_resources_but_not_another_recipe(tmp_path):
-    from ray_resnet import storage
     from ray_resnet.constants import SWEEP_FILE
-    from ray_resnet.tune import _check_resume
+    from ray_resnet.io import storage
+    from ray_resnet.raytrain.sweep import check_resume
 
     file = _write(tmp_path / "s.yaml", {"config": {**TINY, "data": {"root": str(tmp_path / "a")}},
                                         "grid": {"seed": [0, 1]}, "resources": {"cpus_per_worker": 1}})
@@ -352,14 +361,14 @@ def test_resume_takes_a_moved_dataset_and_other_resources_but_not_another_recipe
     moved = load_sweep(_write(tmp_path / "moved.yaml", {**yaml.safe_load(file.read_text()),
                                                          "resources": {"cpus_per_worker": 2}}),
                        extra={"data": {"root": str(tmp_path / "b")}}, name="s", storage=str(tmp_path / "sweeps"))
-    _check_resume(moved, resume=True)  # data.root and run.cpus_per_worker may change
+    check_resume(moved, resume=True)  # data.root and run.cpus_per_worker may change
     other = load_sweep(file, ["optim.lr=0.2"], storage=str(tmp_path / "sweeps"))
     with pytest.raises(SweepError, match="another recipe \\(optim.lr: None -> 0.2\\)"):
-        _check_resume(other, resume=True)
+        check_resume(other, resume=True)
     regridded = load_sweep(_write(tmp_path / "s.yaml", {**yaml.safe_load(file.read_text()), "grid": {"seed": [0]}}),
                            storage=str(tmp_path / "sweeps"))
     with pytest.raises(SweepError, match="another recipe \\(grid: "):
-        _check_resume(regridded, resume=True)
+        check_resume(regridded, resume=True)
 
 
 @pytest.mark.usefixtures("ray_local")

@@ -8,14 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from fixtures import own_lines, random_cifar, trained_like, write_parquet_cifar
-from ray_resnet import cli
-from ray_resnet.checkpoint import load_checkpoint, save_checkpoint
+from ray_resnet.apps import cli
 from ray_resnet.config import Config, to_dict
-from ray_resnet.engine import evaluate
-from ray_resnet.models import build_model
+from ray_resnet.core.checkpoint import CheckpointState, load_checkpoint, save_checkpoint
+from ray_resnet.core.models import build_model
+from ray_resnet.core.steps import LabeledImages, StepSettings, evaluate
+from ray_resnet.core.weights import load_weights, model_from_weights, read_weights
 from ray_resnet.errors import CheckpointError, WeightsError
-from ray_resnet.weights import load_weights, model_from_weights, read_weights
+
+from fixtures import own_lines, random_cifar, trained_like, write_parquet_cifar
 
 
 def save_as(model, fmt, path):
@@ -26,7 +27,7 @@ def save_as(model, fmt, path):
         torch.save({"state_dict": nn.DataParallel(model).state_dict(), "best_prec1": torch.tensor(91.73)}, path)
     elif fmt == "checkpoint":
         cfg = to_dict(Config(model="resnet20"))
-        path = save_checkpoint({"model": model.state_dict(), "config": cfg, "epoch": 7}, path.parent / path.stem)
+        path = save_checkpoint(CheckpointState(model.state_dict(), cfg, 7), path.parent / path.stem)
     return path
 
 
@@ -40,9 +41,9 @@ def test_every_format_loads_to_the_same_logits(tmp_path, fmt):
     x = torch.randn(8, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), model(x))
-    assert info["model"] == "resnet20" and info["dataset"] == "cifar10"
+    assert info.model == "resnet20" and info.dataset == "cifar10"
     if fmt == "checkpoint":  # our checkpoint names its model: --model may be left out
-        assert model_from_weights(path)[1]["epoch"] == 7
+        assert model_from_weights(path)[1].epoch == 7
 
 
 def test_a_file_saved_before_torch_041_without_bn_step_counters_loads(tmp_path):
@@ -116,7 +117,7 @@ def test_split(tmp_path, cache_dir):
 def test_eval_weights_prints_accuracy_loss_and_speed_for_every_format(tmp_path, test_split, capsys):
     root, images, labels = test_split
     model = trained_like()
-    expected = evaluate(model, images, labels, channels_last=False)
+    expected = evaluate(model, LabeledImages(images, labels), settings=StepSettings(channels_last=False))
     results = []
     for fmt in ("plain", "akamaster", "checkpoint"):
         path = save_as(model, fmt, tmp_path / f"{fmt}.th")

@@ -18,8 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ray_resnet.config import load_config
-from ray_resnet.data import epoch_batches, load_cifar
-from ray_resnet.fit import Hooks, build_training, fit, select_splits, steps_per_epoch
+from ray_resnet.core.batches import epoch_batches
+from ray_resnet.core.datasets import load_cifar
+from ray_resnet.core.loop import Hooks, build_training, fit, select_splits, steps_per_epoch
 
 # 256 images in global batches of 64: 4 steps, each split 64 / 32+32 / 22+21+21 between the ranks; the recipe's
 # warmup from lr 1e-5 (without it the first steps at lr 0.05 amplify a 1e-7 change of the weights to 2e-3 in the

@@ -14,16 +14,26 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import Progress, training_state
-from .config import Config, to_dict
-from .batchnorm import use_global_batchnorm
-from .constants import NUM_CLASSES
-from .data import epoch_batches, eval_shard, mean_image, take_subset
-from .engine import compile_model, evaluate, make_optimizer, make_scheduler, train_one_epoch
-from .models import build_model
+from ray_resnet.config import Config, to_dict
+from ray_resnet.constants import NUM_CLASSES
+from ray_resnet.core.augment import mean_image
+from ray_resnet.core.batches import epoch_batches, eval_shard, take_subset
+from ray_resnet.core.batchnorm import use_global_batchnorm
+from ray_resnet.core.checkpoint import CheckpointState, Progress
+from ray_resnet.core.collectives import broadcast_from_first_rank
+from ray_resnet.core.models import build_model
+from ray_resnet.core.steps import (
+    LabeledImages,
+    StepSettings,
+    Training,
+    compile_model,
+    evaluate,
+    make_optimizer,
+    make_scheduler,
+    train_one_epoch,
+)
 
 
 @dataclass
@@ -64,17 +74,6 @@ def selection_metric(cfg: Config) -> str:
     return "val_acc" if cfg.data.val_split is not None else "test_acc"
 
 
-@dataclass
-class Training:
-    """What a worker trains: torchvision's `model` / `model_without_ddp` pair, its optimizer and lr schedule."""
-
-    model: nn.Module  # takes the training steps: `core`, wrapped (DDP) and possibly compiled
-    core: nn.Module  # the module itself: evaluated and checkpointed
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    params: int  # parameter count of the model
-
-
 class Hooks:
     """What the caller does at the loop's events, on every rank. These defaults do nothing."""
 
@@ -82,7 +81,7 @@ class Hooks:
         """After every optimizer step: the run's step count so far (1-based, over epochs), the global batch, this
         rank's mean loss of its share (a device tensor: reading it syncs the host) and the step's lr."""
 
-    def checkpoint_due(self, state: Callable[[], dict], *, latest: bool, best: bool) -> None:
+    def checkpoint_due(self, state: Callable[[], CheckpointState], *, latest: bool, best: bool) -> None:
         """After an epoch whose state should be kept: `latest` every run.checkpoint_every epochs and after the
         last, `best` when the validation accuracy (without a val split: the test accuracy) is the best so far.
         `state()` builds the checkpoint's contents."""
@@ -107,14 +106,12 @@ def build_training(cfg: Config, device: torch.device, steps_per_epoch: int, worl
     core = build_model(cfg.model, NUM_CLASSES[cfg.data.dataset]).to(device)
     if world > 1 and cfg.batchnorm == "global":
         core = use_global_batchnorm(core, device)
-    params = sum(p.numel() for p in core.parameters())
     if cfg.perf.channels_last:
         core = core.to(memory_format=torch.channels_last)
     wrapped = wrap(core)
     optimizer = make_optimizer(wrapped, cfg.optim)
-    return Training(model=compile_model(wrapped, device, cfg.perf.compile, cfg.perf.cuda_graphs), core=core,
-                    optimizer=optimizer, scheduler=make_scheduler(optimizer, cfg.optim.lr, cfg.schedule, steps_per_epoch),
-                    params=params)
+    return Training(model=compile_model(wrapped, device, cfg.perf.compile, cfg.perf.cuda_graphs), optimizer=optimizer,
+                    scheduler=make_scheduler(optimizer, cfg.optim.lr, cfg.schedule, steps_per_epoch), core=core)
 
 
 def steps_per_epoch(cfg: Config, num_train: int, world: int) -> int:
@@ -139,26 +136,20 @@ def run_epoch(cfg: Config, training: Training, data: Splits, epoch: int, rank: i
     def step_end(i: int, images: int, loss: torch.Tensor, lr: float) -> None:
         for hook in hooks:
             hook.step_end(first + i, images, loss, lr)
-    train = train_one_epoch(
-        training.model, training.optimizer, training.scheduler, data.train_images, data.train_labels, steps,
-        epoch_generator(cfg.seed, epoch, data.train_images.device),
-        label_smoothing=cfg.optim.label_smoothing, erase_p=cfg.data.erase_p,
-        channels_last=cfg.perf.channels_last, amp=cfg.perf.amp, world_size=world, pixel_mean=data.pixel_mean,
-        on_step=step_end,
-    )
-    if world > 1:  # evaluate rank 0's BN statistics everywhere (with per-worker BN they differ): the checkpoint's
-        for buffer in training.core.buffers():
-            dist.broadcast(buffer, 0)
+    settings, train_set = StepSettings.of(cfg, data.pixel_mean), LabeledImages(data.train_images, data.train_labels)
+    train = train_one_epoch(training, train_set, steps, epoch_generator(cfg.seed, epoch, data.train_images.device),
+                            settings, on_step=step_end)
+    # Evaluate rank 0's BN statistics everywhere (with per-worker BN they differ): the checkpoint's.
+    broadcast_from_first_rank(list(training.core.buffers()))
 
-    def evaluate_on(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> dict:  # sharded over ranks
-        return evaluate(training.core, images, labels, index[eval_shard(len(index), world, rank)],
-                        batch_size=cfg.perf.eval_batch_size, channels_last=cfg.perf.channels_last,
-                        pixel_mean=data.pixel_mean)
+    def evaluate_on(images: LabeledImages, index: torch.Tensor) -> dict:  # sharded over ranks
+        return evaluate(training.core, images, index[eval_shard(len(index), world, rank)],
+                        batch_size=cfg.perf.eval_batch_size, settings=settings)
     val = {}
     if data.val_index is not None:
-        scores = evaluate_on(data.train_images, data.train_labels, data.val_index)
+        scores = evaluate_on(train_set, data.val_index)
         val = {"val_loss": scores["loss"], "val_acc": scores["acc"]}
-    test = evaluate_on(data.test_images, data.test_labels, data.test_index)
+    test = evaluate_on(LabeledImages(data.test_images, data.test_labels), data.test_index)
     return {"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train["acc"], **val,
             "test_loss": test["loss"], "test_acc": test["acc"], "lr": train["lr"],
             "train_images_per_s": train["images_per_s"], "test_images_per_s": test["images_per_s"],
@@ -187,9 +178,8 @@ def fit(cfg: Config, training: Training, data: Splits, *, rank: int = 0, world: 
                        **({"best_val_acc": progress.best_val_acc} if select == "val_acc" else {}))
         latest = progress.epoch % cfg.run.checkpoint_every == 0 or progress.epoch == cfg.schedule.epochs
         if latest or is_best:
-            def state() -> dict:  # built only where a hook saves it
-                return training_state(training.core, training.optimizer, training.scheduler, progress, config,
-                                      metrics, data.pixel_mean)
+            def state() -> CheckpointState:  # built only where a hook saves it
+                return CheckpointState.of_training(training, progress, config, metrics, data.pixel_mean)
 
             for hook in hooks:
                 hook.checkpoint_due(state, latest=latest, best=is_best)

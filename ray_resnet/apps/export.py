@@ -3,7 +3,7 @@
 Formats: `state_dict` (a plain `torch.save(model.state_dict())`, what `ray-resnet eval --weights` and most
 code read), `torchscript` (`torch.jit.script`: runs without this package; torch 2.14 marks TorchScript
 deprecated, but C++/mobile users still ask for it), `onnx` (needs `pip install ray-resnet[export]`). All take
-normalised float32 images [B,3,32,32] (`ray_resnet.data.normalize`) with any batch size, and return logits.
+normalised float32 images [B,3,32,32] (`ray_resnet.core.augment.normalize`) with any batch size, and return logits.
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ from __future__ import annotations
 import importlib.util
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import storage
-from .errors import ExportError
-from .models import build_model
+from ray_resnet.core.models import build_model
+from ray_resnet.errors import ExportError
+from ray_resnet.io import storage
 
 FORMATS = {"state_dict": ".pt", "torchscript": ".ts.pt", "onnx": ".onnx"}
 
@@ -58,7 +59,7 @@ def exported_logits(path: str | Path, fmt: str, images: torch.Tensor, model_name
     path = Path(path)
     with torch.no_grad():
         if fmt == "state_dict":
-            from .weights import load_weights, read_weights
+            from ray_resnet.core.weights import load_weights, read_weights
 
             model = build_model(model_name, num_classes).eval()
             load_weights(model, read_weights(path)[0], str(path))
@@ -73,8 +74,19 @@ def exported_logits(path: str | Path, fmt: str, images: torch.Tensor, model_name
     return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
 
 
+@dataclass(frozen=True)
+class ExportCheck:
+    """An exported file and how its reloaded logits compare with the model's on a batch."""
+
+    file: str
+    bytes: int
+    max_abs_logit_diff: float
+    same_logits: bool  # within 1e-4 (ONNX Runtime's kernels differ from torch's in float32 rounding)
+    same_top1: int  # images of the batch with the same top-1 class
+
+
 def export_and_check(model: nn.Module, fmt: str, output: str | Path, images: torch.Tensor, model_name: str,
-                     num_classes: int) -> dict:
+                     num_classes: int) -> ExportCheck:
     """Export, reload the file and compare its logits with the model's on `images` (normalised float32).
 
     `output`: a local path or a URI; a URI gets the file once it has passed the check here."""
@@ -91,7 +103,6 @@ def export_and_check(model: nn.Module, fmt: str, output: str | Path, images: tor
             storage.write_atomic(output, path.read_bytes())
         size = path.stat().st_size
     # 1e-4: ONNX Runtime's kernels differ from torch's in float32 rounding (seen: 1.5e-5 on ResNet-20 logits).
-    return {"file": output, "format": fmt, "bytes": size, "batch": len(images),
-            "max_abs_logit_diff": (got - expected).abs().max().item(),
-            "same_logits": torch.allclose(got, expected, rtol=1e-4, atol=1e-4),
-            "same_top1": int((got.argmax(1) == expected.argmax(1)).sum())}
+    return ExportCheck(file=output, bytes=size, max_abs_logit_diff=(got - expected).abs().max().item(),
+                       same_logits=torch.allclose(got, expected, rtol=1e-4, atol=1e-4),
+                       same_top1=int((got.argmax(1) == expected.argmax(1)).sum()))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
-from . import storage
-from .errors import NoRunsError
+from ray_resnet.errors import NoRunsError
+from ray_resnet.io import storage
 
 
 def tensorboard_argv(logdir: str, host: str, port: int) -> list[str]:

@@ -17,24 +17,25 @@ Tune's own JSON and TensorBoard loggers are off: they would write a second resul
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
+from ray import tune
 
-from . import config as config_lib
-from . import storage
-from .config import Config, flatten, merge, nest
-from .constants import RESULT_FILE, SWEEP_FILE
-from .errors import ConfigError, DivergedError, RunError, SweepError
-from .rundir import is_finished
-from .report import trial_dirs
+from ray_resnet import config as config_lib
+from ray_resnet.config import Config, flatten, merge, nest
+from ray_resnet.constants import SWEEP_FILE
+from ray_resnet.errors import ConfigError, DivergedError, RunError, SweepError
+from ray_resnet.io import storage
+from ray_resnet.io.rundir import read_result, trial_dirs
 
 MODE = "max"  # of the metric trials are compared on (see tune_metric)
 TOP_KEYS = ("name", "storage", "config", "grid", "search", "num_samples", "scheduler", "resources")
@@ -56,6 +57,7 @@ class Sweep:
     num_samples: int
     asha: dict | None
     max_concurrent_trials: int | None
+    configs: tuple[Config, ...] = ()  # one per grid point, sampled keys at their first bound: built and checked once
 
     @property
     def dir(self) -> str:
@@ -137,13 +139,8 @@ def load_sweep(path: str | Path, sets: list[str] = (), extra: dict | None = None
         raise SweepError(f"{path}: {e}") from None
 
 
-def _parse(raw: Any, path: Path, sets, extra: dict, name: str | None, storage_root: str | None) -> Sweep:
-    if not isinstance(raw, dict):
-        raise SweepError("expected a mapping with keys " + ", ".join(TOP_KEYS))
-    unknown = sorted(set(raw) - set(TOP_KEYS))
-    if unknown:
-        raise SweepError(f"unknown key '{unknown[0]}'; valid keys: {', '.join(TOP_KEYS)}")
-
+def _parse_base(raw: dict, sets, extra: dict) -> dict:
+    """The config overrides every trial shares: the file's config:, --set, and what resources: sets."""
     base = merge(_mapping(raw, "config"), extra)
     for assignment in sets:
         base = merge(base, config_lib.parse_set(assignment))
@@ -159,22 +156,25 @@ def _parse(raw: Any, path: Path, sets, extra: dict, name: str | None, storage_ro
         if flatten(base).get(key) is not None:
             raise SweepError(f"config.{key}: the sweep names and places every trial itself; "
                              "set the sweep's name/storage (or --name/--storage) instead")
+    return base
+
+
+def _parse(raw: Any, path: Path, sets, extra: dict, name: str | None, storage_root: str | None) -> Sweep:
+    if not isinstance(raw, dict):
+        raise SweepError("expected a mapping with keys " + ", ".join(TOP_KEYS))
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        raise SweepError(f"unknown key '{unknown[0]}'; valid keys: {', '.join(TOP_KEYS)}")
+    base = _parse_base(raw, sets, extra)
     base_cfg = config_lib.from_dict(base)  # names the bad key; also checks the resources' types
     # Resolved here, so every trial process reads the one dataset and cache, whatever its cwd and environment.
     base = merge(base, {"data": {"root": storage.absolute(base_cfg.data.root),
                                  "cache_dir": str(config_lib.cache_dir(base_cfg.data.cache_dir))}})
-    max_concurrent = resources.get("max_concurrent_trials")
+    max_concurrent = _mapping(raw, "resources").get("max_concurrent_trials")
     if max_concurrent is not None and (not isinstance(max_concurrent, int) or max_concurrent < 1):
         raise SweepError(f"resources.max_concurrent_trials: expected an int >= 1 or null, got {max_concurrent!r}")
 
-    grid = _mapping(raw, "grid")
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise SweepError(f"grid.{key}: expected a non-empty list of values, got {values!r}")
-        if len({json.dumps(v) for v in values}) < len(values):  # trials of equal values would share a run dir
-            raise SweepError(f"grid.{key}: values repeat in {values!r}; list each once (num_samples repeats trials)")
-        for value in values:
-            _check_key(base, key, value, "grid")
+    grid = _parse_grid(base, _mapping(raw, "grid"))
     search = _parse_search(base, dict(_mapping(raw, "search")))
     both = sorted(set(grid) & set(search))
     if both:
@@ -189,8 +189,19 @@ def _parse(raw: Any, path: Path, sets, extra: dict, name: str | None, storage_ro
                   storage=storage.absolute(storage_root or raw.get("storage") or "runs/sweeps"),
                   base=base, grid=grid, search=search, num_samples=num_samples, asha=asha,
                   max_concurrent_trials=max_concurrent)
-    grid_configs(sweep)  # combinations may be invalid even where every value is valid alone
-    return sweep
+    # Combinations may be invalid even where every value is valid alone.
+    return dataclasses.replace(sweep, configs=tuple(grid_configs(sweep)))
+
+
+def _parse_grid(base: dict, grid: dict) -> dict:
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"grid.{key}: expected a non-empty list of values, got {values!r}")
+        if len({json.dumps(v) for v in values}) < len(values):  # trials of equal values would share a run dir
+            raise SweepError(f"grid.{key}: values repeat in {values!r}; list each once (num_samples repeats trials)")
+        for value in values:
+            _check_key(base, key, value, "grid")
+    return grid
 
 
 def _parse_scheduler(raw: Any) -> dict | None:
@@ -213,13 +224,14 @@ def _parse_scheduler(raw: Any) -> dict | None:
 def tune_metric(sweep: Sweep) -> str:
     """What Tune (and ASHA) compares trials on: validation accuracy when every trial holds out a val split, else test
     accuracy (the only score all trials report)."""
-    from .fit import selection_metric
+    from ray_resnet.core.loop import selection_metric
 
-    return "val_acc" if all(selection_metric(c) == "val_acc" for c in grid_configs(sweep)) else "test_acc"
+    return "val_acc" if all(selection_metric(c) == "val_acc" for c in sweep.configs) else "test_acc"
 
 
 def grid_configs(sweep: Sweep) -> list[Config]:
-    """One config per grid point, with every sampled key at its first bound/choice (for checks before trials)."""
+    """One config per grid point, with every sampled key at its first bound/choice (load_sweep keeps them as
+    Sweep.configs, for the checks before trials)."""
     lows = {k: next(iter(spec.values()))[0] for k, spec in sweep.search.items()}
     out = []
     for combo in itertools.product(*sweep.grid.values()):
@@ -284,7 +296,7 @@ def run_trial(trial_space: dict, sweep: Sweep, datasets: dict, command: list[str
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from .train import run_training
+    from ray_resnet.raytrain.driver import run_training
 
     values = _flat_values(sweep, trial_space)
     name = trial_name(sweep, values, ray.tune.get_context().get_trial_id())
@@ -310,9 +322,9 @@ def _param_space(sweep: Sweep) -> dict:
 def _max_concurrent(sweep: Sweep) -> int:
     """Trials that fit at once: each trial's worker group has its own placement group outside the trial's own
     (tiny) resources, so Tune must not start more trials than the cluster has room for their workers."""
-    from .train import plan_resources, worker_slots
+    from ray_resnet.raytrain.cluster import plan_resources, worker_slots
 
-    configs = grid_configs(sweep)
+    configs = sweep.configs
     if any(cfg.run.autoscaling for cfg in configs):  # the nodes do not exist yet: nothing to count
         if not sweep.max_concurrent_trials:  # (Tune would read 0 as "no limit")
             raise SweepError("with run.autoscaling the cluster cannot say yet how many trials fit: set "
@@ -321,7 +333,7 @@ def _max_concurrent(sweep: Sweep) -> int:
     fits = []
     for cfg in configs:
         try:
-            _, bundle, _ = plan_resources(cfg)
+            bundle = plan_resources(cfg).bundle
         except RunError as e:
             raise SweepError(f"one trial cannot fit on this cluster: {e}; lower resources.workers_per_trial / "
                              "cpus_per_worker / gpus_per_worker in the sweep file, or add nodes") from None
@@ -329,7 +341,7 @@ def _max_concurrent(sweep: Sweep) -> int:
     return min([*fits, sweep.max_concurrent_trials or math.inf])
 
 
-def _check_resume(sweep: Sweep, resume: bool) -> None:
+def check_resume(sweep: Sweep, resume: bool) -> None:
     saved = storage.join(sweep.dir, SWEEP_FILE)
     if not resume:
         if storage.list_names(sweep.dir):
@@ -353,62 +365,72 @@ def _yaml_round_trip(d: dict) -> dict:
     return yaml.safe_load(yaml.safe_dump(d, sort_keys=False))
 
 
-def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) -> dict:
-    """Run (or continue) the sweep; returns counts of finished/unfinished/errored trials."""
+@dataclass(frozen=True)
+class SweepOutcome:
+    dir: str
+    trials: int
+    finished: int
+    diverged: int  # trials whose loss became NaN/inf
+    errors: list[str]  # one line per failed trial
+    max_concurrent_trials: int
+
+
+def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) -> SweepOutcome:
+    """Run (or continue) the sweep; returns how its trials ended."""
+    from ray_resnet.raytrain.cluster import connect, ray_settings
+
     storage.check_writable(sweep.storage)  # a bad bucket, endpoint or credentials: one line, before anything runs
-    _check_resume(sweep, resume)
-    import ray
-    from ray import tune
-    from ray.tune.logger import CSVLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler
+    check_resume(sweep, resume)
+    arrays = _load_datasets(sweep)
+    with ray_settings():
+        connect(address)
+        # One copy per dataset in the object store, which every trial's workers read (one copy per node they run
+        # on); the driver keeps none of its own.
+        datasets = {key: ray.put(arrays.pop(key)) for key in list(arrays)}
+        max_concurrent = _max_concurrent(sweep)
+        results = _tuner(sweep, datasets, resume, max_concurrent).fit()
+    errors = [str(r.error).splitlines()[0][:300] for r in results if r.error]
+    summaries = [r for r in (read_result(d) for d in trial_dirs(sweep.dir)) if r]
+    return SweepOutcome(dir=sweep.dir, trials=trial_count(sweep), finished=sum(1 for r in summaries if r.finished),
+                        diverged=sum(1 for r in summaries if r.status == "diverged"), errors=errors,
+                        max_concurrent_trials=max_concurrent)
 
-    from .train import check_split_fits, connect, load_dataset
 
-    configs = grid_configs(sweep)
+def _load_datasets(sweep: Sweep) -> dict:
+    """Each dataset the trials read, once; bad data paths fail here, before any Ray process starts."""
+    from ray_resnet.raytrain.driver import check_split_fits, load_dataset
+
     arrays = {}
-    for cfg in configs:  # bad data paths fail here, once, before any Ray process starts
+    for cfg in sweep.configs:
         key = dataset_key(cfg)
         if key not in arrays:
             arrays[key] = load_dataset(cfg)
         check_split_fits(cfg, len(arrays[key]["train_labels"]))  # here, not in every trial
+    return arrays
 
-    connect(address)
-    # One copy per dataset in the object store, which every trial's workers read (one copy per node they run on);
-    # the driver keeps none of its own.
-    datasets = {key: ray.put(arrays.pop(key)) for key in list(arrays)}
-    max_concurrent = _max_concurrent(sweep)
-    # Tune's own JSON and TensorBoard loggers would write a result.json and a second TensorBoard run into the
-    # trial dir, which is also the Train run dir: keep only its progress.csv.
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    # A trial resumed after its Train run had saved the last epoch has nothing left to report; Tune's strict check
-    # would count that as an error.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+
+def _tuner(sweep: Sweep, datasets: dict, resume: bool, max_concurrent: int) -> tune.Tuner:
+    from ray.tune.logger import CSVLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler
+
     # The trial function only waits on its TorchTrainer: a 1-byte memory bundle instead of Tune's default 1 CPU,
     # which on a small cluster would hold the CPUs the trial's own workers need (a deadlock).
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, datasets=datasets, command=sys.argv),
                                     {"memory": 1})
     if resume:
-        tuner = tune.Tuner.restore(sweep.dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        storage.write_text(storage.join(sweep.dir, SWEEP_FILE), yaml.safe_dump(sweep.as_dict(), sort_keys=False))
-        scheduler = None
-        if sweep.asha:
-            # time_attr "epoch": Tune's training_iteration restarts at 1 when a trial is resumed. max_t one past the
-            # last epoch: ASHA stops every trial that reaches max_t, before it could write its result.json.
-            epochs = max(c.schedule.epochs for c in grid_configs(sweep))
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs + 1, **sweep.asha)
-        tuner = tune.Tuner(
-            trainable, param_space=_param_space(sweep),
-            tune_config=tune.TuneConfig(metric=tune_metric(sweep), mode=MODE, num_samples=sweep.num_samples,
-                                        max_concurrent_trials=max_concurrent, scheduler=scheduler,
-                                        trial_dirname_creator=TrialDirname(sweep)),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.storage, callbacks=[CSVLoggerCallback()],
-                                      failure_config=tune.FailureConfig(max_failures=0)),
-        )
-    results = tuner.fit()
-    errors = [str(r.error).splitlines()[0][:300] for r in results if r.error]
-    summaries = [storage.read_json(storage.join(d, RESULT_FILE)) or {} for d in trial_dirs(sweep.dir)]
-    finished = sum(1 for s in summaries if is_finished(s))
-    diverged = sum(1 for s in summaries if s.get("status") == "diverged")
-    return {"dir": sweep.dir, "trials": trial_count(sweep), "finished": finished, "diverged": diverged,
-            "errors": errors, "max_concurrent_trials": max_concurrent}
+        return tune.Tuner.restore(sweep.dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    storage.write_text(storage.join(sweep.dir, SWEEP_FILE), yaml.safe_dump(sweep.as_dict(), sort_keys=False))
+    scheduler = None
+    if sweep.asha:
+        # time_attr "epoch": Tune's training_iteration restarts at 1 when a trial is resumed. max_t one past the
+        # last epoch: ASHA stops every trial that reaches max_t, before it could write its result.json.
+        epochs = max(c.schedule.epochs for c in sweep.configs)
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs + 1, **sweep.asha)
+    return tune.Tuner(
+        trainable, param_space=_param_space(sweep),
+        tune_config=tune.TuneConfig(metric=tune_metric(sweep), mode=MODE, num_samples=sweep.num_samples,
+                                    max_concurrent_trials=max_concurrent, scheduler=scheduler,
+                                    trial_dirname_creator=TrialDirname(sweep)),
+        run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.storage, callbacks=[CSVLoggerCallback()],
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )

@@ -11,20 +11,20 @@ from __future__ import annotations
 import csv
 import io
 import math
-import tempfile
 import statistics
+import tempfile
 from dataclasses import dataclass, field
 
 import yaml
 
-from . import config as config_lib
-from . import storage
-from .config import Config, flatten
-from .constants import CONFIG_FILE, NUM_CLASSES, RESULT_FILE, SWEEP_FILE, TB_DIR, TB_TAGS
-from .errors import ReportError
-from .rundir import is_finished
-from .storage import write_atomic, write_text
-from .models import build_model, count_parameters, parse_model_name
+from ray_resnet import config as config_lib
+from ray_resnet.config import Config, flatten
+from ray_resnet.constants import CONFIG_FILE, NUM_CLASSES, SWEEP_FILE, TB_DIR, TB_TAGS
+from ray_resnet.core.models import build_model, count_parameters, parse_model_name
+from ray_resnet.errors import ReportError
+from ray_resnet.io import storage
+from ray_resnet.io.rundir import RunResult, read_result, trial_dirs
+from ray_resnet.io.storage import write_atomic, write_text
 
 # He et al. 2015, Table 6: CIFAR-10 test error (%). resnet110 is the best of 5 runs (mean 6.61 +- 0.16).
 PAPER_ERROR = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97, "resnet110": 6.43,
@@ -39,8 +39,8 @@ class Run:
     name: str
     cfg: Config
     group: tuple  # the swept values other than the seed: runs of one group differ only by seed
-    finished: dict | None  # result.json of a finished run
-    diverged: dict | None  # result.json of a run whose training loss became NaN/inf
+    finished: RunResult | None  # result.json of a finished run
+    diverged: RunResult | None  # result.json of a run whose training loss became NaN/inf
     curve: dict[int, dict] = field(default_factory=dict)  # epoch -> that epoch's metrics
 
     @property
@@ -63,21 +63,15 @@ def read_runs(sweep_dir: str) -> tuple[dict, list[Run]]:
     for run_dir in trial_dirs(sweep_dir):
         cfg = config_lib.read_config(storage.join(run_dir, CONFIG_FILE))
         flat = flatten(config_lib.to_dict(cfg))
-        result = storage.read_json(storage.join(run_dir, RESULT_FILE)) or {}
-        finished = result if is_finished(result) else None
-        diverged = result if result.get("status") == "diverged" else None
+        result = read_result(run_dir)
+        finished = result if result and result.finished else None
+        diverged = result if result and result.status == "diverged" else None
         run = Run(storage.name(run_dir), cfg, tuple(flat[k] for k in keys) if keys else (cfg.model,), finished,
                   diverged)
         run.curve = read_curve(storage.join(run_dir, TB_DIR))
         runs.append(run)
     sweep["group_keys"] = keys or ["model"]
     return sweep, runs
-
-
-def trial_dirs(sweep_dir: str) -> list[str]:
-    """The run dirs of a sweep dir: those holding a config.yaml, by name."""
-    dirs = [storage.join(sweep_dir, name) for name in storage.list_names(sweep_dir)]
-    return [d for d in dirs if storage.is_file(storage.join(d, CONFIG_FILE))]
 
 
 def read_curve(tb_dir: str) -> dict[int, dict]:
@@ -103,7 +97,7 @@ def read_curve(tb_dir: str) -> dict[int, dict]:
     return {epoch: m for epoch, m in sorted(curve.items()) if len(m) == len(CURVE_METRICS)}
 
 
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+def _mean_and_spread(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
@@ -120,20 +114,20 @@ def summarize(runs: list[Run]) -> list[dict]:
         if key not in params:
             params[key] = count_parameters(build_model(cfg.model, NUM_CLASSES[cfg.data.dataset]))
         done = [r for r in members if r.finished]
-        errors = [100 - r.finished["final_test_acc"] for r in done]
+        errors = [100 - r.finished.final_test_acc for r in done]
         train_errors = [100 - r.curve[r.epoch]["train_acc"] for r in done if r.curve]
-        mean, std = _mean_std(errors)
+        mean, std = _mean_and_spread(errors)
         paper = PAPER_ERROR.get(cfg.model) if cfg.data.dataset == "cifar10" else None
         sem = None if std is None else std / math.sqrt(len(errors))
         rows.append({
             "group": group, "model": cfg.model, "params": params[key], "seeds": len(done),
             "unfinished": [f"{r.name} ({r.epoch}/{r.cfg.schedule.epochs} epochs)" for r in members
                            if not r.finished and not r.diverged],
-            "diverged": [f"{r.name} (loss {r.diverged['diverged']['loss']} in epoch {r.diverged['diverged']['epoch']})"
+            "diverged": [f"{r.name} (loss {r.diverged.diverged_loss} in epoch {r.diverged.diverged_epoch})"
                          for r in members if r.diverged],
             "final_error_mean": mean, "final_error_std": std, "final_error_sem": sem,
             "best_final_error": min(errors, default=None),
-            "final_train_error_mean": _mean_std(train_errors)[0],
+            "final_train_error_mean": _mean_and_spread(train_errors)[0],
             "paper_error": paper, "diff_vs_paper": None if mean is None or paper is None else mean - paper,
         })
     return rows
@@ -265,19 +259,25 @@ def plot_curves(runs: list[Run], path: str) -> None:
     write_atomic(path, image.getvalue())
 
 
-def write_report(sweep_dir: str) -> dict[str, str]:
-    """report.md, report.csv and curves.png into the sweep dir (local or a URI); returns their locations and, under
-    "text", the markdown."""
+@dataclass(frozen=True)
+class WrittenReport:
+    text: str  # the markdown
+    markdown: str  # where each file went
+    csv: str
+    curves: str
+
+
+def write_report(sweep_dir: str) -> WrittenReport:
+    """report.md, report.csv and curves.png into the sweep dir (local or a URI)."""
     sweep_dir = storage.absolute(sweep_dir)
     sweep, runs = read_runs(sweep_dir)
     if not runs:
         raise ReportError(f"{sweep_dir} holds no trial runs yet (no */config.yaml): wait for the sweep's first "
                           "trials to start")
     rows = summarize(runs)
-    paths = {kind: storage.join(sweep_dir, name) for kind, name in
-             (("markdown", "report.md"), ("csv", "report.csv"), ("curves", "curves.png"))}
-    text = _markdown(sweep, sweep_dir, runs, rows)
-    write_text(paths["markdown"], text)
+    report = WrittenReport(_markdown(sweep, sweep_dir, runs, rows), storage.join(sweep_dir, "report.md"),
+                           storage.join(sweep_dir, "report.csv"), storage.join(sweep_dir, "curves.png"))
+    write_text(report.markdown, report.text)
     table = io.StringIO()
     columns = ["params", "seeds", "final_error_mean", "final_error_std", "final_error_sem", "best_final_error",
                "final_train_error_mean", "paper_error", "diff_vs_paper", "unfinished", "diverged"]
@@ -285,6 +285,6 @@ def write_report(sweep_dir: str) -> dict[str, str]:
     writer.writerow([*sweep["group_keys"], *columns])
     for row in rows:
         writer.writerow([*row["group"], *(";".join(row[c]) if isinstance(row[c], list) else row[c] for c in columns)])
-    write_text(paths["csv"], table.getvalue())
-    plot_curves(runs, paths["curves"])
-    return {**paths, "text": text}
+    write_text(report.csv, table.getvalue())
+    plot_curves(runs, report.curves)
+    return report

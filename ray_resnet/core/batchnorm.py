@@ -10,11 +10,11 @@ the same. On CUDA it is torch's SyncBatchNorm; torch's refuses CPU tensors, so o
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import at_least_fp32
+from ray_resnet.core.collectives import sum_over_ranks, world_size
+from ray_resnet.core.precision import at_least_fp32
 
 
 class _GlobalBatchNorm(torch.autograd.Function):
@@ -29,7 +29,7 @@ class _GlobalBatchNorm(torch.autograd.Function):
         # [sum, sum of squares, count] over all ranks, added up in float64 so E[x^2] - E[x]^2 does not cancel
         # (torch.var_mean is 5x slower on channels_last tensors than these two reductions)
         stats = torch.cat([x.sum((0, 2, 3), dtype=torch.float64), (x * x).sum((0, 2, 3), dtype=torch.float64), count])
-        dist.all_reduce(stats)
+        sum_over_ranks(stats)
         channels, total = x.shape[1], stats[-1]
         mean = stats[:channels] / total
         var = (stats[channels:2 * channels] / total - mean * mean).clamp(min=0)
@@ -48,7 +48,7 @@ class _GlobalBatchNorm(torch.autograd.Function):
         # every rank, since each input moved the global mean and variance.
         grad_weight, grad_bias = sum_dy_xmu * invstd, sum_dy
         sums = torch.cat([sum_dy, sum_dy_xmu])
-        dist.all_reduce(sums)
+        sum_over_ranks(sums)
         mean_dy, mean_dy_xmu = (sums / total).chunk(2)
         scale = invstd * (weight if weight is not None else 1)
         # grad_x = (dy - mean_dy - (x - mean) * invstd^2 * mean_dy_xmu) * invstd * weight, per channel as
@@ -64,7 +64,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     so its state dict is a plain BatchNorm2d's)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and world_size() > 1):
             return super().forward(x)
         out, mean, var, total = _GlobalBatchNorm.apply(at_least_fp32(x), self.weight, self.bias, self.eps)
         if self.track_running_stats:

@@ -9,15 +9,16 @@ finished, `result.json`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from dataclasses import dataclass
 
-from . import config as config_lib
-from . import storage
-from .checkpoint import load_checkpoint
-from .config import Config
-from .constants import CONFIG_FILE, ENVIRONMENT_FILE, RESULT_FILE
-from .errors import CheckpointError, DivergedError, RunError
+from ray_resnet import config as config_lib
+from ray_resnet.config import Config
+from ray_resnet.constants import CONFIG_FILE, ENVIRONMENT_FILE, RESULT_FILE
+from ray_resnet.errors import DivergedError, RunError
+from ray_resnet.io import storage
 
 # Ray Train's record of the checkpoints it has committed; a rerun resumes from its latest.
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
@@ -38,7 +39,68 @@ def run_dir(cfg: Config) -> str:
     return storage.join(cfg.run.storage, cfg.run.name)
 
 
-def previous_result(cfg: Config) -> dict | None:
+@dataclass(frozen=True)
+class RunResult:
+    """result.json: how a run ended ("finished" or "diverged"), its accuracies and where its files are. A rerun of a
+    finished run returns it with already_finished (never written)."""
+
+    epoch: int  # epochs trained
+    epochs: int  # schedule.epochs
+    name: str | None = None
+    model: str | None = None
+    dataset: str | None = None
+    seed: int | None = None
+    status: str = "finished"  # or "diverged"
+    params: int | None = None
+    final_test_acc: float | None = None
+    best_test_acc: float | None = None  # the test accuracy of best/'s epoch
+    best_epoch: int | None = None
+    best_selected_on: str | None = None  # in words: the validation set, or the test set (optimistic)
+    best_val_acc: float | None = None  # with data.val_split
+    final_val_acc: float | None = None
+    wall_time_s: float = 0.0  # every attempt's duration, added up (seconds)
+    last_attempt_s: float = 0.0
+    attempts: int = 1
+    run_dir: str | None = None
+    checkpoint: str | None = None  # the latest committed checkpoint
+    best_checkpoint: str | None = None
+    worker_nodes: list | None = None
+    diverged_loss: float | None = None  # where the loss became NaN/inf
+    diverged_epoch: int | None = None
+    already_finished: bool = False
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run trained every epoch."""
+        return self.status == "finished" and self.epoch >= self.epochs
+
+    def to_json(self) -> str:
+        """One line: in a sweep the run dir is also the Tune trial dir, whose result.json Tune reads as JSON lines."""
+        skip = ("already_finished", "diverged_loss", "diverged_epoch")
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        if self.status == "diverged":
+            fields["diverged"] = {"loss": self.diverged_loss, "epoch": self.diverged_epoch}
+        return json.dumps(fields) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunResult:
+        """A result.json's content; files from before "status", "attempts" or a flat "diverged_*" read as such."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        stop = d.get("diverged") or {}
+        return cls(**{k: v for k, v in d.items() if k in known},
+                   **({"diverged_loss": stop.get("loss"), "diverged_epoch": stop.get("epoch")} if stop else {}))
+
+
+def read_result(directory: str) -> RunResult | None:
+    """A run dir's result.json, or None where there is none (or it is torn: the run is then not finished)."""
+    d = storage.read_json(storage.join(directory, RESULT_FILE))
+    try:
+        return RunResult.from_dict(d) if d else None
+    except TypeError:  # a result.json missing required keys: written by something else
+        return None
+
+
+def previous_result(cfg: Config) -> RunResult | None:
     """The finished result of this run name, if it is finished; raises if the run dir holds another recipe."""
     directory = run_dir(cfg)
     saved = storage.join(directory, CONFIG_FILE)
@@ -49,28 +111,27 @@ def previous_result(cfg: Config) -> dict | None:
     if changes:
         raise RunError(f"run dir {directory} holds a run with another config ({'; '.join(changes[:4])}); "
                        "pass a new --name, or delete that dir to start over")
-    result = storage.read_json(storage.join(directory, RESULT_FILE))
-    if result and result.get("status") == "diverged":
+    result = read_result(directory)
+    if result and result.status == "diverged":
         raise diverged_error(result)
-    if is_finished(result) and result["epoch"] >= cfg.schedule.epochs:
+    if result and result.finished and result.epoch >= cfg.schedule.epochs:
         return result
     return None
 
 
-def is_finished(result: dict | None) -> bool:
-    """Whether a result.json says its run trained every epoch (files from before "status" existed count too)."""
-    return bool(result) and result.get("status", "finished") == "finished" and \
-        result.get("epoch", 0) >= result.get("epochs", 1)
+def diverged_error(result: RunResult) -> DivergedError:
+    """The error of a run whose training loss became NaN/inf."""
+    where = (f"the last good checkpoint is {result.checkpoint} (epoch {result.epoch}), left intact"
+             if result.checkpoint else "no checkpoint was written before it")
+    return DivergedError(f"run {result.name}: training loss became {result.diverged_loss} in epoch "
+                         f"{result.diverged_epoch}; stopped without retrying: {where}; lower optim.lr (or raise "
+                         "schedule.warmup_epochs) and start a new --name")
 
 
-def diverged_error(result: dict) -> DivergedError:
-    """The error of a run whose training loss became NaN/inf (`result`: its result.json)."""
-    stop = result["diverged"]
-    where = (f"the last good checkpoint is {result['checkpoint']} (epoch {result['epoch']}), left intact"
-             if result.get("checkpoint") else "no checkpoint was written before it")
-    return DivergedError(f"run {result['name']}: training loss became {stop['loss']} in epoch {stop['epoch']}; "
-                         f"stopped without retrying: {where}; lower optim.lr (or raise schedule.warmup_epochs) and "
-                         "start a new --name")
+def trial_dirs(sweep_dir: str) -> list[str]:
+    """The run dirs of a sweep dir: those holding a config.yaml, by name."""
+    dirs = [storage.join(sweep_dir, name) for name in storage.list_names(sweep_dir)]
+    return [d for d in dirs if storage.is_file(storage.join(d, CONFIG_FILE))]
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> str | None:
@@ -78,18 +139,6 @@ def latest_checkpoint(directory: str | os.PathLike) -> str | None:
     snapshot = storage.read_json(storage.join(directory, SNAPSHOT_FILE)) or {}
     latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
     return storage.join(directory, latest) if latest else None
-
-
-def check_resumable(directory: str) -> int:
-    """Epoch of the checkpoint a rerun resumes from (0: none); a corrupt one stops here, not in N retries."""
-    path = latest_checkpoint(directory)
-    if path is None:
-        return 0
-    try:
-        return load_checkpoint(path)["epoch"]
-    except CheckpointError as e:
-        raise RunError(f"cannot resume {storage.name(directory)}: {e}. Move that checkpoint dir aside to resume from an "
-                       "older one, or pass --name for a fresh run") from None
 
 
 def write_config(cfg: Config) -> None:
@@ -136,7 +185,5 @@ def record_duration(directory: str, attempt: int, duration_s: float) -> list[flo
     return [a.get("duration_s", 0.0) for a in record["attempts"]]
 
 
-def write_result(directory: str, summary: dict) -> None:
-    """result.json: a finished run's summary ("status": "finished"), or a diverged one's ("diverged")."""
-    # One line: in a sweep the run dir is also the Tune trial dir, whose result.json Tune reads as JSON lines.
-    storage.write_text(storage.join(directory, RESULT_FILE), json.dumps(summary) + "\n")
+def write_result(directory: str, result: RunResult) -> None:
+    storage.write_text(storage.join(directory, RESULT_FILE), result.to_json())

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-from .errors import StorageError
+from ray_resnet.errors import StorageError
 
 # Where an object store is (never a secret): Ray's processes get these from the driver (see train.connect).
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",

@@ -6,20 +6,11 @@ gives up, the driver raises `RunError` instead of a multi-page traceback.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import ray
 import ray.train
 
-from .errors import RunError
-
-
-def worker_logs_dir() -> str:
-    """Where Ray Train's per-worker logs are, on each node of the connected cluster."""
-    node = ray._private.worker.global_worker.node  # the driver's node; the same layout holds on every node
-    if node is None:  # connected through ray:// (Ray Client): the session dir lives on the head
-        return "/tmp/ray/session_latest/logs/train/ on each node"
-    return f"{Path(node.get_session_dir_path()) / 'logs' / 'train'}/ on each node"
+from ray_resnet.errors import RunError
+from ray_resnet.raytrain.compat import worker_logs_dir
 
 
 def _first_cause(error: Exception) -> str:

@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from .constants import DATASETS
-from .errors import UserError
+from ray_resnet.constants import DATASETS
+from ray_resnet.errors import UserError
 
 # --smoke-test: a tiny real run for CI and first contact (seconds, not minutes).
 SMOKE_OVERRIDES = {
@@ -37,7 +37,7 @@ def _worker_count(text: str) -> int | list[int] | str:
 
 def _overrides(args: argparse.Namespace, shortcuts: dict[str, str]) -> dict:
     """The config overrides of --smoke-test and of the shortcut flags given (not those of --set)."""
-    from .config import merge, nest
+    from ray_resnet.config import merge, nest
 
     given = {key: getattr(args, dest) for dest, key in shortcuts.items()
              if getattr(args, dest) is not None and getattr(args, dest) is not False}  # 0 is a value (a bad one)
@@ -45,25 +45,24 @@ def _overrides(args: argparse.Namespace, shortcuts: dict[str, str]) -> dict:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from . import train
-    from .config import load_config, replace
-    from .rundir import default_run_name
+    from ray_resnet.config import load_config, replace
+    from ray_resnet.io.rundir import default_run_name
+    from ray_resnet.raytrain.driver import run_training
 
     cfg = load_config(args.config, args.set, _overrides(args, TRAIN_SHORTCUTS))
     if args.smoke_test:  # never resume or overwrite the real run of the same config
         cfg = replace(cfg, run={"name": f"{cfg.run.name or default_run_name(cfg)}-smoke"})
-    summary = train.run_training(cfg, address=args.address)
-    if summary.get("already_finished"):
-        print(f"run {summary['name']} is already finished ({summary['epoch']}/{summary['epochs']} epochs): "
-              f"final test acc {summary['final_test_acc']:.2f}%, best {summary['best_test_acc']:.2f}%. "
+    result = run_training(cfg, address=args.address)
+    if result.already_finished:
+        print(f"run {result.name} is already finished ({result.epoch}/{result.epochs} epochs): "
+              f"final test acc {result.final_test_acc:.2f}%, best {result.best_test_acc:.2f}%. "
               f"Pass --name NEW for a fresh run, or raise schedule.epochs to train on.")
     else:
-        print(f"done: {summary['name']} ({summary['model']}, {summary['params']:,} params) "
-              f"{summary['epoch']}/{summary['epochs']} epochs in {wall_time_text(summary)}: "
-              f"final test acc {summary['final_test_acc']:.2f}%, "
-              f"best/ (epoch {summary['best_epoch']}) test acc {summary['best_test_acc']:.2f}%, "
-              f"{_selected(summary)}")
-    print(f"run dir: {summary['run_dir']}\nTensorBoard: tensorboard --logdir {summary['run_dir']}/tb")
+        print(f"done: {result.name} ({result.model}, {result.params:,} params) "
+              f"{result.epoch}/{result.epochs} epochs in {wall_time_text(result)}: "
+              f"final test acc {result.final_test_acc:.2f}%, "
+              f"best/ (epoch {result.best_epoch}) test acc {result.best_test_acc:.2f}%, {_selected(result)}")
+    print(f"run dir: {result.run_dir}\nTensorBoard: tensorboard --logdir {result.run_dir}/tb")
     return 0
 
 
@@ -74,84 +73,90 @@ def clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def wall_time_text(summary: dict) -> str:
-    """A run's time over all its attempts, and this attempt's when it was resumed ("2:40:21 over 2 attempts, this
-    one 2:48")."""
-    total = clock(summary["wall_time_s"])
-    if summary.get("attempts", 1) < 2:
-        return total
-    return f"{total} over {summary['attempts']} attempts, this one {clock(summary['last_attempt_s'])}"
+def wall_time_text(result) -> str:
+    """A run's (a RunResult's) time over all its attempts, and this attempt's when it was resumed ("2:40:21 over 2
+    attempts, this one 2:48")."""
+    if result.attempts < 2:
+        return clock(result.wall_time_s)
+    return f"{clock(result.wall_time_s)} over {result.attempts} attempts, this one {clock(result.last_attempt_s)}"
 
 
-def _selected(summary: dict) -> str:
+def _selected(result) -> str:
     """How best/ was chosen, in words (result.json's best_selected_on; runs from before it had no val split)."""
-    if summary.get("best_val_acc") is not None:
-        return f"selected on the {summary['best_selected_on']}: val acc {summary['best_val_acc']:.2f}%"
+    if result.best_val_acc is not None:
+        return f"selected on the {result.best_selected_on}: val acc {result.best_val_acc:.2f}%"
     return "selected on the test set (an optimistic estimate; data.val_split=5000 holds out a validation set)"
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from . import tune
+    from ray_resnet.raytrain.sweep import load_sweep, run_sweep
 
-    sweep = tune.load_sweep(args.config, args.set, _overrides(args, SWEEP_SHORTCUTS), name=args.name,
-                            storage=args.storage)
+    sweep = load_sweep(args.config, args.set, _overrides(args, SWEEP_SHORTCUTS), name=args.name, storage=args.storage)
     if args.smoke_test:  # never resume or overwrite the real sweep of the same file
         sweep = dataclasses.replace(sweep, name=f"{sweep.name}-smoke")
-    outcome = tune.run_sweep(sweep, resume=args.resume, address=args.address)
-    print(f"sweep {sweep.name}: {outcome['finished']}/{outcome['trials']} trials finished, "
-          f"{outcome['diverged']} diverged (loss NaN/inf), {len(outcome['errors'])} failed "
-          f"(at most {outcome['max_concurrent_trials']} at once)")
-    for error in outcome["errors"]:
+    outcome = run_sweep(sweep, resume=args.resume, address=args.address)
+    print(f"sweep {sweep.name}: {outcome.finished}/{outcome.trials} trials finished, "
+          f"{outcome.diverged} diverged (loss NaN/inf), {len(outcome.errors)} failed "
+          f"(at most {outcome.max_concurrent_trials} at once)")
+    for error in outcome.errors:
         print(f"  failed: {error}")
-    unfinished = outcome["trials"] - outcome["finished"] - outcome["diverged"] - len(outcome["errors"])
+    unfinished = outcome.trials - outcome.finished - outcome.diverged - len(outcome.errors)
     if unfinished:
         print(f"{unfinished} trial(s) did not finish: stopped early by ASHA, or interrupted (those continue with the "
               "same command + --resume)")
-    print(f"sweep dir: {outcome['dir']}\nTensorBoard: tensorboard --logdir {outcome['dir']}\n"
-          f"table and curves: ray-resnet report {outcome['dir']}")
+    print(f"sweep dir: {outcome.dir}\nTensorBoard: tensorboard --logdir {outcome.dir}\n"
+          f"table and curves: ray-resnet report {outcome.dir}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from ray_resnet.apps.report import write_report
 
-    written = write_report(args.sweep_dir)
-    print(written["text"])
-    print("wrote " + ", ".join(written[kind] for kind in ("markdown", "csv", "curves")))
+    report = write_report(args.sweep_dir)
+    print(report.text)
+    print(f"wrote {report.markdown}, {report.csv}, {report.curves}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import load_test_split
-    from .engine import evaluate
+    from ray_resnet.core.steps import LabeledImages, StepSettings, evaluate
 
     model, info = _load_model(args)
-    trained_with = info.get("config", {})
-    images, labels = load_test_split(info["dataset"], args.data, trained_with, info["file"])
-    perf = trained_with.get("perf", {})
+    images, labels = _test_split(info, args.data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device, memory_format=torch.channels_last)
-    pixel_mean = info.get("pixel_mean")  # a data.normalize pixel_mean run's mean image, from its checkpoint
-    metrics = evaluate(model, images, labels, batch_size=perf.get("eval_batch_size", 500),
-                       pixel_mean=None if pixel_mean is None else pixel_mean.to(device))
+    pixel_mean = None if info.pixel_mean is None else info.pixel_mean.to(device)
+    metrics = evaluate(model, LabeledImages(images, labels), batch_size=info.eval_batch_size,
+                       settings=StepSettings(pixel_mean=pixel_mean))
     source = {"checkpoint": str(args.checkpoint)} if args.checkpoint else {"weights": str(args.weights)}
-    out = {**source, "format": info["format"], "model": info["model"], "dataset": info["dataset"],
-           "epoch": info.get("epoch"), "kind": info.get("kind"), "file": info["file"], **metrics}
+    out = {**source, "format": info.format, "model": info.model, "dataset": info.dataset, "epoch": info.epoch,
+           "kind": info.kind, "file": info.file, **metrics}
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{info['model']} from {_which(info)}, {info['file']}, on {metrics['count']:,} {info['dataset']} test "
+        print(f"{info.model} from {_which(info)}, {info.file}, on {metrics['count']:,} {info.dataset} test "
               f"images: top-1 {metrics['acc']:.2f}%, loss {metrics['loss']:.4f}, {metrics['images_per_s']:,.0f} img/s")
     return 0
 
 
+def _test_split(info, root: str | None):
+    """The test split to evaluate a model on: under --data, else where the run that trained it read its data."""
+    from ray_resnet.core.datasets import load_cifar
+    from ray_resnet.errors import DataNotFoundError
+
+    if not (root or info.data_root):
+        raise DataNotFoundError(f"{info.file} does not say where its data is: pass --data DIR "
+                                f"(a dir with the {info.dataset} parquet files or torchvision's pickles)")
+    return load_cifar(root or info.data_root, "test", info.dataset, False, info.data_cache_dir)
+
+
 def _load_model(args: argparse.Namespace):
-    """(model, info) of --checkpoint (its best, or with --final its latest checkpoint) or --weights."""
-    from .errors import CheckpointError
-    from .rundir import latest_checkpoint
-    from .weights import load_model
+    """(model, WeightsFile) of --checkpoint (its best, or with --final its latest checkpoint) or --weights."""
+    from ray_resnet.core.weights import load_model
+    from ray_resnet.errors import CheckpointError
+    from ray_resnet.io.rundir import latest_checkpoint
 
     checkpoint = args.checkpoint
     if args.final:
@@ -162,40 +167,39 @@ def _load_model(args: argparse.Namespace):
     return load_model(checkpoint, args.weights, args.model, args.dataset)
 
 
-def _which(info: dict) -> str:
-    """Which model of a run a weights file holds, in words."""
-    if info.get("kind") == "best" and info["config"].get("data", {}).get("val_split"):
-        return (f"the best checkpoint (epoch {info['epoch']}: the highest validation accuracy during training, on "
-                f"{info['config']['data']['val_split']} held-out training images; --final evaluates the last epoch)")
-    if info.get("kind") == "best":
-        return (f"the best checkpoint (epoch {info['epoch']}: the highest test accuracy during training, i.e. selected "
+def _which(info) -> str:
+    """Which model of a run a weights file (a WeightsFile) holds, in words."""
+    if info.kind == "best" and info.val_split:
+        return (f"the best checkpoint (epoch {info.epoch}: the highest validation accuracy during training, on "
+                f"{info.val_split} held-out training images; --final evaluates the last epoch)")
+    if info.kind == "best":
+        return (f"the best checkpoint (epoch {info.epoch}: the highest test accuracy during training, i.e. selected "
                 "on the test set, an optimistic estimate; --final evaluates the last epoch)")
-    if info.get("kind") == "epoch":
-        epochs = info["config"].get("schedule", {}).get("epochs")
-        return f"the {'final ' if info['epoch'] == epochs else ''}checkpoint of epoch {info['epoch']}"
-    return f"a {info['format']}"
+    if info.kind == "epoch":
+        return f"the {'final ' if info.epoch == info.epochs else ''}checkpoint of epoch {info.epoch}"
+    return f"a {info.format}"
 
 
 def _export(args: argparse.Namespace) -> int:
     import torch
 
-    from .constants import NUM_CLASSES
-    from .data import load_test_split, normalize
-    from .errors import DataNotFoundError
-    from .export import FORMATS, export_and_check
+    from ray_resnet.apps.export import FORMATS, export_and_check
+    from ray_resnet.constants import NUM_CLASSES
+    from ray_resnet.core.augment import normalize
+    from ray_resnet.errors import DataNotFoundError
 
     model, info = _load_model(args)
     try:  # the logit check runs on real test images where the data is at hand, else on fixed random inputs
-        images = normalize(load_test_split(info["dataset"], args.data, info.get("config", {}), info["file"])[0][:256])
-        batch = f"the first {len(images)} {info['dataset']} test images"
+        images = normalize(_test_split(info, args.data)[0][:256])
+        batch = f"the first {len(images)} {info.dataset} test images"
     except DataNotFoundError:
         images = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         batch = "256 random inputs (no dataset found; pass --data to check on test images)"
-    output = args.output or f"{info['model']}-{info['dataset']}{FORMATS[args.format]}"
-    result = export_and_check(model, args.format, output, images, info["model"], NUM_CLASSES[info["dataset"]])
-    print(f"wrote {result['file']} ({args.format}, {result['bytes']:,} bytes); reloaded on {batch}: "
-          f"max |logit diff| {result['max_abs_logit_diff']:.2e}, same top-1 on {result['same_top1']}/{len(images)}")
-    if not result["same_logits"]:
+    output = args.output or f"{info.model}-{info.dataset}{FORMATS[args.format]}"
+    result = export_and_check(model, args.format, output, images, info.model, NUM_CLASSES[info.dataset])
+    print(f"wrote {result.file} ({args.format}, {result.bytes:,} bytes); reloaded on {batch}: "
+          f"max |logit diff| {result.max_abs_logit_diff:.2e}, same top-1 on {result.same_top1}/{len(images)}")
+    if not result.same_logits:
         print(f"ray-resnet: error: the exported {args.format} file gives other logits than the model; "
               "do not use it (the file is kept for inspection)", file=sys.stderr)
         return 1
@@ -203,7 +207,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _tensorboard(args: argparse.Namespace) -> int:
-    from .tb_server import serve
+    from ray_resnet.apps.tensorboard import serve
 
     serve(args.dir, args.host, args.port)
     return 0
@@ -290,7 +294,3 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"ray-resnet: error: {e}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Every collective the training uses (torch.distributed; no Ray). In a single process each is a no-op, so the
+core runs alike with and without a process group."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, summed element-wise over all ranks in place (every rank gets the total)."""
+    if world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def global_sums(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
+    """Scalars (numbers or 0-d device tensors) summed over all ranks in float64, read back with one host sync."""
+    totals = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    return sum_over_ranks(totals).tolist()
+
+
+def broadcast_from_first_rank(tensors: list[torch.Tensor]) -> None:
+    """Overwrite `tensors` on every rank with rank 0's, in place."""
+    if world_size() > 1:
+        for tensor in tensors:
+            dist.broadcast(tensor, 0)
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    gathered = [obj] * world_size()
+    if len(gathered) > 1:
+        dist.all_gather_object(gathered, obj)
+    return gathered

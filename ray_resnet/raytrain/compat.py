@@ -1,0 +1,51 @@
+"""Every use of Ray's private modules, in one place: checked against Ray 2.60.0 (Train V2). Each falls back to
+doing nothing (or a plain answer) where a later Ray moved the name, so a Ray upgrade costs a log line or a path in
+an error message, never a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import ray
+
+# Ray Train V2's per-worker modules whose INFO logs repeat every report's metrics and checkpoint path.
+_CHATTY_TRAIN_MODULES = ("ray.train.v2._internal.execution.context", "ray.train.v2._internal.execution.storage")
+PEER_CHECK_EVERY_S = 0.5
+
+
+def quiet_ray_train_logs() -> None:
+    """Worker-side Ray Train logs to WARNING (rank 0 prints its own epoch line; the controller's logs, e.g. why a
+    worker group was restarted, stay at INFO). A module that is not there is left alone."""
+    for module in _CHATTY_TRAIN_MODULES:
+        logger = getattr(sys.modules.get(module), "logger", None)
+        if logger:
+            logger.setLevel(logging.WARNING)
+
+
+def worker_logs_dir() -> str:
+    """Where Ray Train's per-worker logs are, on each node of the connected cluster."""
+    node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "global_worker", None)
+    node = getattr(node, "node", None)  # the driver's node; the same layout holds on every node
+    if node is None:  # connected through ray:// (Ray Client), or a Ray that moved it: the default session dir
+        return "/tmp/ray/session_latest/logs/train/ on each node"
+    return f"{Path(node.get_session_dir_path()) / 'logs' / 'train'}/ on each node"
+
+
+def wait_for_ray_to_see_a_lost_node(peer_nodes: set[str], limit_s: float) -> bool:
+    """After a collective failed because a peer's process vanished: poll Ray's view of the nodes (every 0.5 s, at
+    most `limit_s`) until one of `peer_nodes` is gone, then give Ray's controller the rest of the time to stop this
+    worker for it, so the loss is booked as what it was (a preempted node: the preemption budget) and not as this
+    worker's error (run.max_failures). Returns whether a lost node was seen; a peer whose node is alive (a crashed
+    process) is reported at the limit."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+        if peer_nodes - alive:
+            time.sleep(max(0.0, deadline - time.monotonic()))  # Ray stops this worker meanwhile
+            return True
+        time.sleep(PEER_CHECK_EVERY_S)
+    return False
