@@ -7,8 +7,9 @@ file from akamaster/pytorch_resnet_cifar10 (`module.` prefixes are removed).
 
 dependencies = ["torch"]
 
-from ray_resnet.core.models import MODEL_NAMES, build_model
-from ray_resnet.core.weights import load_weights, read_weights
+from ray_resnet.constants import MODEL_NAMES  # noqa: E402  (torch.hub reads `dependencies` first)
+from ray_resnet.core.models import build_model  # noqa: E402
+from ray_resnet.core.weights import load_weights, read_weights  # noqa: E402
 
 
 def _entry(name):

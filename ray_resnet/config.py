@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ray_resnet.constants import DATASETS, TRAIN_IMAGES
+from ray_resnet.constants import DATASETS, TRAIN_IMAGES, parse_model_name
 from ray_resnet.errors import ConfigError
 from ray_resnet.io import storage
 
@@ -326,8 +326,6 @@ def train_images(cfg: Config) -> int:
 def recipe_preset(cfg: Config) -> dict:
     """The overrides recipe `cfg.recipe` lays beneath the YAML/--set ones. They depend on cfg's model (warmup for the
     deepest nets) and, for the paper's iteration counts, on the steps per epoch: ceil(train_images / batch)."""
-    from ray_resnet.core.models import parse_model_name
-
     if cfg.recipe == "timm":
         return {}
     deep = parse_model_name(cfg.model)[0] >= DEEP
@@ -421,8 +419,6 @@ def from_dict(d: dict, rules: bool = True) -> Config:
 
 
 def _check_model_name(name: str) -> None:
-    from ray_resnet.core.models import parse_model_name
-
     try:
         parse_model_name(name)
     except ValueError as e:

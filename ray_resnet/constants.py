@@ -1,4 +1,6 @@
-"""Names and numbers several modules share (no imports): datasets, normalisation, run-dir files, metric tags."""
+"""Names and numbers several modules share: datasets, model names, normalisation, run-dir files, metric tags."""
+
+import re
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 DATASETS = tuple(NUM_CLASSES)
@@ -37,3 +39,25 @@ STEP_TAGS = {
     "train_loss": "step/train_loss",
     "lr": "step/lr",
 }
+
+
+# name pattern -> shortcut option; the registry lists the depths of the paper's experiments.
+_FAMILIES = {"resnet": "A", "plain": None}
+_NAME = re.compile(r"^(resnet|plain)(\d+)(b?)$")
+MODEL_NAMES = (
+    [f"resnet{d}" for d in (20, 32, 44, 56, 110, 1202)]
+    + [f"resnet{d}b" for d in (20, 32, 44, 56, 110)]
+    + [f"plain{d}" for d in (20, 32, 44, 56, 110)]
+)
+
+
+def parse_model_name(name: str) -> tuple[int, str | None]:
+    """`resnet56` -> (56, "A"), `resnet56b` -> (56, "B"), `plain56` -> (56, None)."""
+    match = _NAME.match(name)
+    if not match or (match.group(1) == "plain" and match.group(3)):
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    family, depth, option_b = match.group(1), int(match.group(2)), match.group(3)
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, 1202, ...); got {depth} in {name!r}; "
+                         f"registered models: {', '.join(MODEL_NAMES)}")
+    return depth, "B" if option_b else _FAMILIES[family]

@@ -43,7 +43,7 @@ def register_with_timm() -> None:
     """Register every model of ray_resnet.core.models with timm (imports timm)."""
     from timm.models import generate_default_cfgs, is_model, register_model
 
-    from ray_resnet.core.models import MODEL_NAMES
+    from ray_resnet.constants import MODEL_NAMES
 
     default_cfgs.update(generate_default_cfgs({
         TIMM_PREFIX + name: {"input_size": (3, 32, 32), "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "num_classes": 10,

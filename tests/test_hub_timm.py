@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from ray_resnet.core.models import MODEL_NAMES, build_model, count_parameters
+from ray_resnet.constants import MODEL_NAMES
+from ray_resnet.core.models import build_model, count_parameters
 
 from fixtures import trained_like
 

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ray_resnet.core.models import MODEL_NAMES, PadShortcut, build_model, count_parameters
+from ray_resnet.constants import MODEL_NAMES
+from ray_resnet.core.models import PadShortcut, build_model, count_parameters
 
 # He et al. 2015, Table 6 (CIFAR-10): the parameter counts of the option-A nets.
 PAPER_PARAMS = {"resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018,

@@ -19,8 +19,8 @@ import yaml
 
 from ray_resnet import config as config_lib
 from ray_resnet.config import Config, flatten
-from ray_resnet.constants import CONFIG_FILE, NUM_CLASSES, SWEEP_FILE, TB_DIR, TB_TAGS
-from ray_resnet.core.models import build_model, count_parameters, parse_model_name
+from ray_resnet.constants import CONFIG_FILE, NUM_CLASSES, SWEEP_FILE, TB_DIR, TB_TAGS, parse_model_name
+from ray_resnet.core.models import build_model, count_parameters
 from ray_resnet.errors import ReportError
 from ray_resnet.io import storage
 from ray_resnet.io.rundir import RunResult, read_result, trial_dirs

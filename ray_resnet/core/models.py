@@ -14,11 +14,11 @@ Shortcuts where the shape changes (the paper's options):
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ray_resnet.constants import parse_model_name
 
 STAGE_WIDTHS = (16, 32, 64)
 
@@ -88,28 +88,6 @@ class CifarResNet(nn.Module):
         out = self.layer3(self.layer2(self.layer1(out)))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)
-
-
-# name pattern -> shortcut option; the registry lists the depths of the paper's experiments.
-_FAMILIES = {"resnet": "A", "plain": None}
-_NAME = re.compile(r"^(resnet|plain)(\d+)(b?)$")
-MODEL_NAMES = (
-    [f"resnet{d}" for d in (20, 32, 44, 56, 110, 1202)]
-    + [f"resnet{d}b" for d in (20, 32, 44, 56, 110)]
-    + [f"plain{d}" for d in (20, 32, 44, 56, 110)]
-)
-
-
-def parse_model_name(name: str) -> tuple[int, str | None]:
-    """`resnet56` -> (56, "A"), `resnet56b` -> (56, "B"), `plain56` -> (56, None)."""
-    match = _NAME.match(name)
-    if not match or (match.group(1) == "plain" and match.group(3)):
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
-    family, depth, option_b = match.group(1), int(match.group(2)), match.group(3)
-    if depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, 1202, ...); got {depth} in {name!r}; "
-                         f"registered models: {', '.join(MODEL_NAMES)}")
-    return depth, "B" if option_b else _FAMILIES[family]
 
 
 def build_model(name: str, num_classes: int = 10) -> CifarResNet:

@@ -21,9 +21,8 @@ from collections.abc import Callable
 import torch
 
 from ray_resnet.config import Config
-from ray_resnet.constants import STEP_TAGS, TB_DIR_STEPS, TB_TAGS
+from ray_resnet.constants import STEP_TAGS, TB_DIR_STEPS, TB_TAGS, parse_model_name
 from ray_resnet.core.loop import Hooks
-from ray_resnet.core.models import parse_model_name
 from ray_resnet.io import storage
 
 # Seconds between progress lines: Ray workers' stdout is never a terminal, so the driver says which it writes to.

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ray_resnet.constants import NUM_CLASSES
+from ray_resnet.constants import NUM_CLASSES, parse_model_name
 from ray_resnet.core.checkpoint import CheckpointState, is_checkpoint, resolve_checkpoint
-from ray_resnet.core.models import build_model, parse_model_name
+from ray_resnet.core.models import build_model
 from ray_resnet.errors import WeightsError
 from ray_resnet.io import storage
 
