@@ -1,6 +1,8 @@
 """Shared fixtures. Ray tests run on a real local Ray with 2 CPUs (no mocks)."""
 
 import os
+import platform
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,23 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "cifar10"
 
 
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return names[0] if names else platform.processor()
+
+
+def pytest_report_header(config):
+    """The CPU and the precision it trains in head every run's log: tolerances and timings depend on both."""
+    import torch
+
+    from ray_resnet.core.precision import training_precision
+
+    return (f"cpu: {_cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; "
+            f"perf.amp auto trains in {training_precision(torch.device('cpu'), 'auto')} here")
+
+
 def pytest_collection_modifyitems(items):
     for item in items:  # a test on the session's Ray is a Ray test, marked or not
         if "ray_local" in getattr(item, "fixturenames", ()):
@@ -24,9 +43,31 @@ def pytest_collection_modifyitems(items):
 def ray_local():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    # With its dashboard, as `ray-resnet` starts Ray: Ray Train's placement-group cleaner asks the dashboard's State
+    # API whether a controller died, and without it never frees the CPUs of a trial Tune stopped.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def releases_its_placement_groups(request):
+    """A test on the session's Ray leaves no placement group behind: a leaked one holds CPUs that every later
+    worker group then waits for, forever (a stopped trial's workers must be released)."""
+    yield
+    if "ray_local" not in request.fixturenames:
+        return
+    from ray.util import placement_group_table
+
+    deadline = time.monotonic() + 30  # Ray Train's placement-group cleaner polls its controller every few seconds
+    while (held := _held_placement_groups(placement_group_table())) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not held, f"placement groups still held after the test: {held}"
+
+
+def _held_placement_groups(table: dict) -> list[str]:
+    return [f"{pg['name'] or pg_id} {pg['state']} {pg['bundles']}" for pg_id, pg in table.items()
+            if pg["state"] != "REMOVED"]
 
 
 @pytest.fixture(scope="session")
