@@ -379,3 +379,23 @@ def test_autoscaling_sweeps_name_their_concurrency(tmp_path):
     assert _max_concurrent(load_sweep(_write(tmp_path / "auto2.yaml", {
         "config": {"run": {"autoscaling": True}}, "grid": {"seed": [0, 1]},
         "resources": {"max_concurrent_trials": 3}}))) == 3
+
+
+@pytest.mark.ray
+def test_an_asha_sweep_on_a_ray_without_its_dashboard_is_refused_before_any_trial(tmp_path):
+    """There Ray Train never frees a stopped trial's workers, and the next trials would wait for them forever."""
+    import subprocess
+
+    write_parquet_cifar(tmp_path / "data", *colour_coded_cifar(64, seed=0), "train")
+    write_parquet_cifar(tmp_path / "data", *colour_coded_cifar(16, seed=1), "test")
+    file = _write(tmp_path / "asha.yaml", {
+        "name": "asha", "config": {**TINY, "data": {"root": str(tmp_path / "data")}}, "grid": {"optim.lr": [0.1, 0.01]},
+        "scheduler": {"asha": {"grace_period": 1}}, "resources": {"cpus_per_worker": 1}})
+    sweep = ["sweep", "-c", str(file), "--storage", str(tmp_path / "sweeps")]
+    script = ("import sys, ray\nfrom ray_resnet.apps import cli\n"
+              "ray.init(address='local', num_cpus=2, include_dashboard=False)\n"
+              f"sys.exit(cli.main({sweep!r}))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "scheduler.asha needs Ray's dashboard" in done.stderr and "--include-dashboard=true" in done.stderr
+    assert not list((tmp_path / "sweeps").rglob("result.json"))

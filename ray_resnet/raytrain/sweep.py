@@ -388,12 +388,31 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
         # on); the driver keeps none of its own.
         datasets = {key: ray.put(arrays.pop(key)) for key in list(arrays)}
         max_concurrent = _max_concurrent(sweep)
+        _check_stopped_trials_can_be_freed(sweep)
         results = _tuner(sweep, datasets, resume, max_concurrent).fit()
     errors = [str(r.error).splitlines()[0][:300] for r in results if r.error]
     summaries = [r for r in (read_result(d) for d in trial_dirs(sweep.dir)) if r]
     return SweepOutcome(dir=sweep.dir, trials=trial_count(sweep), finished=sum(1 for r in summaries if r.finished),
                         diverged=sum(1 for r in summaries if r.status == "diverged"), errors=errors,
                         max_concurrent_trials=max_concurrent)
+
+
+def _check_stopped_trials_can_be_freed(sweep: Sweep) -> None:
+    """Ray Train frees the workers of a trial ASHA stops only once it has seen, through the dashboard's State API,
+    that the trial's controller died; on a Ray without a dashboard their CPUs stay held and later trials wait
+    forever."""
+    from ray.util.state import list_actors
+    from ray.util.state.exception import RayStateApiException
+
+    if not sweep.asha:
+        return
+    try:
+        list_actors(limit=1, timeout=30, raise_on_missing_output=False)
+    except RayStateApiException:
+        raise SweepError("scheduler.asha needs Ray's dashboard (Ray Train frees a stopped trial's workers through "
+                         "its State API, and without it later trials wait forever): start Ray with its dashboard "
+                         "(`ray start --head --include-dashboard=true`) or remove scheduler: from the sweep file") \
+            from None
 
 
 def _load_datasets(sweep: Sweep) -> dict:
