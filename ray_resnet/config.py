@@ -139,6 +139,9 @@ class RunConfig:
     # The cluster adds nodes on demand (the cluster/ configs): skip the up-front "do the workers fit" check
     # and use GPUs unless device is cpu, since GPU nodes may not exist yet when the run starts.
     autoscaling: bool = False
+    # MLflow tracking server (http://host:5000, a sqlite:/// or file: store); None: $MLFLOW_TRACKING_URI, else off
+    mlflow: str | None = setting(None, runtime=True)
+    mlflow_experiment: str = setting("ray-resnet", runtime=True)
 
     @property
     def worker_range(self) -> tuple[int, int]:

@@ -18,6 +18,7 @@ BEST_DIR = "best"
 TB_DIR = "tb"
 TB_DIR_STEPS = "steps"  # inside tb/: the step-axis scalars, a TensorBoard run of their own
 SWEEP_FILE = "sweep.yaml"
+TRACKING_FILE = "mlflow.json"  # the MLflow run a run or sweep dir logs to, so a resumed run continues it
 
 # Per-epoch metric (as reported to Ray and kept in checkpoints) -> its TensorBoard tag; `report` reads them back.
 TB_TAGS = {

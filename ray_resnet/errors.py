@@ -58,3 +58,7 @@ class ReportError(UserError, ValueError):
 
 class NoRunsError(UserError, FileNotFoundError):
     """The directory holds no TensorBoard event files."""
+
+
+class TrackingError(UserError, RuntimeError):
+    """MLflow tracking asked for (run.mlflow, MLFLOW_TRACKING_URI) but not usable: not installed, server down."""

@@ -24,6 +24,7 @@ from ray_resnet.config import Config
 from ray_resnet.constants import STEP_TAGS, TB_DIR_STEPS, TB_TAGS, parse_model_name
 from ray_resnet.core.loop import Hooks
 from ray_resnet.io import storage
+from ray_resnet.io.tracking import MetricLog
 
 # Seconds between progress lines: Ray workers' stdout is never a terminal, so the driver says which it writes to.
 # A terminal gets one every few seconds; a file or a Ray job log, whose lines stay forever, one a minute.
@@ -94,10 +95,12 @@ class RunLog(Hooks):
     and the epoch tags and the step tags count in different units.
     """
 
-    def __init__(self, tb_dir: str, cfg: Config, start_epoch: int, steps_per_epoch: int, progress_every_s: float):
+    def __init__(self, tb_dir: str, cfg: Config, start_epoch: int, steps_per_epoch: int, progress_every_s: float,
+                 mlflow: MetricLog | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.cfg, self.tb_dir = cfg, tb_dir
+        self.cfg, self.tb_dir, self.mlflow = cfg, tb_dir, mlflow
+        self.checkpointed = False  # whether this epoch wrote the checkpoint a resumed attempt would start from
         self.last: dict | None = None  # the latest epoch's metrics
         self.local = tempfile.mkdtemp(prefix="tb-") if storage.is_uri(tb_dir) else tb_dir
         # Each attempt writes files of its own; purge_step counts epochs here and steps in tb/steps.
@@ -124,15 +127,25 @@ class RunLog(Hooks):
         self.loss_sum, self.loss_steps = None, 0
         self.step_writer.add_scalar(STEP_TAGS["train_loss"], self.logged_loss, step)
         self.step_writer.add_scalar(STEP_TAGS["lr"], lr, step)
+        if self.mlflow:
+            self.mlflow.add({STEP_TAGS["train_loss"]: self.logged_loss, STEP_TAGS["lr"]: lr}, step)
         self.step_writer.flush()  # on disk at once (a writer's own flush comes every 2 min): TensorBoard shows it
         if self.local != self.tb_dir and time.monotonic() - self.mirrored >= MIRROR_EVERY_S:
             self._mirror()
 
+    def checkpoint_due(self, state, *, latest: bool, best: bool) -> None:
+        self.checkpointed = latest
+
     def epoch_end(self, metrics: dict) -> None:
-        for key, tag in TB_TAGS.items():
-            if key in metrics:  # val/* only with a val split
-                self.writer.add_scalar(tag, metrics[key], metrics["epoch"])
+        scalars = {tag: metrics[key] for key, tag in TB_TAGS.items() if key in metrics}  # val/* only with a val split
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, metrics["epoch"])
         self.writer.flush()
+        if self.mlflow:
+            self.mlflow.add(scalars, metrics["epoch"])
+            if self.checkpointed:  # an attempt that dies from here on resumes after this epoch: no point twice
+                self.mlflow.commit()
+        self.checkpointed = False
         if self.local != self.tb_dir:
             self._mirror()
         print(epoch_line(metrics, self.cfg.schedule.epochs), flush=True)
@@ -150,6 +163,8 @@ class RunLog(Hooks):
             self._hparams(params, self.last, hparams_extra)
         self.writer.close()
         self.step_writer.close()
+        if self.mlflow:  # the run ended (finished or diverged): no attempt will log these epochs again
+            self.mlflow.commit()
         if self.local != self.tb_dir:
             self._mirror()
             shutil.rmtree(self.local, ignore_errors=True)

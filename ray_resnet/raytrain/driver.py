@@ -16,18 +16,19 @@ import ray.train
 import ray.train.torch
 
 from ray_resnet.config import Config, split_problems
-from ray_resnet.constants import BEST_DIR
+from ray_resnet.constants import BEST_DIR, CONFIG_FILE, RESULT_FILE
 from ray_resnet.core.checkpoint import load_checkpoint
 from ray_resnet.core.datasets import load_cifar
 from ray_resnet.core.loop import Hooks, selection_metric
 from ray_resnet.core.runlog import progress_every_s
 from ray_resnet.errors import CheckpointError, ConfigError, RunError
-from ray_resnet.io import environment, storage
+from ray_resnet.io import environment, storage, tracking
 from ray_resnet.io.rundir import (
     RunResult,
     diverged_error,
     latest_checkpoint,
     previous_result,
+    read_result,
     record_attempt,
     record_duration,
     resolve_run,
@@ -103,6 +104,8 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     resume_epoch = check_resumable(directory)
     if resume_epoch:
         print(f"resuming run {cfg.run.name} from its epoch-{resume_epoch} checkpoint ({directory})", flush=True)
+    tracked = tracking.open_run(cfg, directory, cfg.run.name, tracking.config_params(cfg), tracking.parent_run(cfg),
+                                _tracking_tags(cfg))
     arrays = None if dataset is not None else load_dataset(cfg)  # bad data paths fail here, before Ray starts
     if arrays is not None:
         check_split_fits(cfg, len(arrays["train_labels"]))
@@ -115,9 +118,32 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
         workers = list(cfg.run.worker_range) if cfg.run.elastic else cfg.run.num_workers
         spec = WorkerSpec(cfg, directory, dataset, resources.threads,
                           record_attempt(directory, environment.attempt(command or sys.argv, workers)), time.time(),
-                          progress_every_s(sys.stdout.isatty()), hparams or {}, worker_hooks)
-        result = fit_or_explain(_trainer(spec, resources, callbacks), cfg.run.max_failures)
-    return _finish(spec, result)
+                          progress_every_s(sys.stdout.isatty()), hparams or {}, worker_hooks, tracked)
+        try:
+            result = fit_or_explain(_trainer(spec, resources, callbacks), cfg.run.max_failures)
+            return _finish(spec, result)
+        finally:
+            if tracked:
+                _end_tracking(tracked, cfg, directory)
+
+
+def _tracking_tags(cfg: Config) -> dict[str, str]:
+    commit = (environment.git_state() or {}).get("commit")
+    return {"model": cfg.model, "recipe": cfg.recipe, "dataset": cfg.data.dataset, "seed": str(cfg.seed),
+            **({"git_commit": commit} if commit else {})}
+
+
+def _end_tracking(tracked: tracking.TrackedRun, cfg: Config, directory: str) -> None:
+    """The MLflow run's status from result.json (none: the attempt failed, and a rerun continues the run), its
+    files, and the best model as an MLflow PyTorch model."""
+    from ray_resnet.core.tracked_model import log_best_model
+
+    result = read_result(directory)
+    status = {"finished": "FINISHED", "diverged": "FAILED"}.get(result.status) if result else None
+    if status:
+        log_best_model(tracked, cfg, storage.join(directory, BEST_DIR))
+    tracking.end_run(tracked, status or "KILLED", {
+        "result.json": storage.join(directory, RESULT_FILE), "config.yaml": storage.join(directory, CONFIG_FILE)})
 
 
 def _trainer(spec: WorkerSpec, resources: WorkerResources, callbacks: list | None) -> ray.train.torch.TorchTrainer:

@@ -34,7 +34,7 @@ from ray_resnet import config as config_lib
 from ray_resnet.config import Config, flatten, merge, nest
 from ray_resnet.constants import SWEEP_FILE
 from ray_resnet.errors import ConfigError, DivergedError, RunError, SweepError
-from ray_resnet.io import storage
+from ray_resnet.io import storage, tracking
 from ray_resnet.io.rundir import read_result, trial_dirs
 
 MODE = "max"  # of the metric trials are compared on (see tune_metric)
@@ -382,6 +382,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
     storage.check_writable(sweep.storage)  # a bad bucket, endpoint or credentials: one line, before anything runs
     check_resume(sweep, resume)
     arrays = _load_datasets(sweep)
+    tracked = _open_tracking(sweep)  # before Ray: a tracking server that is down is one line
     with ray_settings():
         connect(address)
         # One copy per dataset in the object store, which every trial's workers read (one copy per node they run
@@ -392,9 +393,20 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
         results = _tuner(sweep, datasets, resume, max_concurrent).fit()
     errors = [str(r.error).splitlines()[0][:300] for r in results if r.error]
     summaries = [r for r in (read_result(d) for d in trial_dirs(sweep.dir)) if r]
-    return SweepOutcome(dir=sweep.dir, trials=trial_count(sweep), finished=sum(1 for r in summaries if r.finished),
-                        diverged=sum(1 for r in summaries if r.status == "diverged"), errors=errors,
-                        max_concurrent_trials=max_concurrent)
+    outcome = SweepOutcome(dir=sweep.dir, trials=trial_count(sweep), finished=sum(1 for r in summaries if r.finished),
+                           diverged=sum(1 for r in summaries if r.status == "diverged"), errors=errors,
+                           max_concurrent_trials=max_concurrent)
+    if tracked:  # every trial ended one way or another: FINISHED; some still to run (--resume): KILLED
+        ended = outcome.finished + outcome.diverged + len(errors) == outcome.trials
+        tracking.end_run(tracked, "FINISHED" if ended else "KILLED", {SWEEP_FILE: storage.join(sweep.dir, SWEEP_FILE)})
+    return outcome
+
+
+def _open_tracking(sweep: Sweep) -> tracking.TrackedRun | None:
+    """The sweep's parent MLflow run; each trial's run (in the sweep dir) becomes its child."""
+    params = {**flatten(sweep.base), **{f"grid.{k}": v for k, v in sweep.grid.items()},
+              **{f"search.{k}": v for k, v in sweep.search.items()}}
+    return tracking.open_run(sweep.configs[0], sweep.dir, sweep.name, params, tags={"sweep": sweep.name})
 
 
 def _check_stopped_trials_can_be_freed(sweep: Sweep) -> None:

@@ -29,6 +29,7 @@ from ray_resnet.core.runlog import RunLog
 from ray_resnet.errors import UserError
 from ray_resnet.io import environment, storage
 from ray_resnet.io.rundir import record_duration, record_worker_group
+from ray_resnet.io.tracking import MetricLog, TrackedRun
 from ray_resnet.raytrain.compat import quiet_ray_train_logs, wait_for_ray_to_see_a_lost_node
 
 # How gloo and NCCL collectives fail on the surviving ranks when another rank's process is gone, and how long a
@@ -50,6 +51,7 @@ class WorkerSpec:
     progress_every_s: float  # seconds between rank 0's progress lines
     hparams: dict = field(default_factory=dict)  # extra TensorBoard HParams entries (a sweep trial's swept keys)
     worker_hooks: Callable[[], list[Hooks]] | None = None  # makes more `fit` hooks on each worker
+    tracked: TrackedRun | None = None  # the MLflow run rank 0 logs to
 
 
 @dataclass(frozen=True)
@@ -133,9 +135,13 @@ def _gather_workers(rank: int, device: torch.device, amp: str) -> list[dict]:
 
 
 def _rank0_hooks(spec: WorkerSpec, workers: list[dict], resumed_epoch: int, steps: int) -> list[Hooks]:
-    """Rank 0 records the worker group, and logs to TensorBoard and the attempt's duration every epoch."""
+    """Rank 0 records the worker group, and logs to TensorBoard (and MLflow) and the attempt's duration every
+    epoch."""
     _record_workers(spec.run_dir, spec.attempt, workers, resumed_epoch)
-    log = RunLog(storage.join(spec.run_dir, TB_DIR), spec.config, resumed_epoch, steps, spec.progress_every_s)
+    mlflow = MetricLog(spec.tracked, {"precision": workers[0]["precision"], "workers": str(len(workers)),
+                                      "device": workers[0]["device"].split(":")[0]}) if spec.tracked else None
+    log = RunLog(storage.join(spec.run_dir, TB_DIR), spec.config, resumed_epoch, steps, spec.progress_every_s,
+                 mlflow)
     return [log, AttemptClock(spec.run_dir, spec.attempt, spec.attempt_started)]
 
 
