@@ -28,6 +28,7 @@ from ray_resnet.io.rundir import latest_checkpoint
 from ray_resnet.raytrain.driver import run_training
 
 from cluster_scenarios import committed_epoch, run_scenario
+from mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +159,23 @@ def test_killed_worker_restarts_from_latest_checkpoint(real_cifar_small, tmp_pat
 
 def test_killed_driver_rerun_continues_from_latest_checkpoint(real_cifar_small, tmp_path):
     run_dir, epochs = tmp_path / "drv", 3
-    first = TrainProcess(tmp_path, real_cifar_small, "drv", epochs)
+    server = MlflowServer(tmp_path / "mlflow")  # the run is tracked, as MLFLOW_TRACKING_URI turns on
+    try:
+        _killed_driver_rerun(real_cifar_small, tmp_path, run_dir, epochs, {"MLFLOW_TRACKING_URI": server.url})
+        # MLflow too has every epoch and logged step once, in the one run both attempts logged to.
+        client = server.client()
+        (run,) = client.search_runs([client.get_experiment_by_name("ray-resnet").experiment_id])
+        assert json.loads((run_dir / "mlflow.json").read_text())["run_id"] == run.info.run_id
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "test/acc")] == list(range(1, epochs + 1))
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "step/lr")] == \
+            list(range(2, epochs * STEPS_PER_EPOCH + 1, 2))
+    finally:
+        server.stop()
+
+
+def _killed_driver_rerun(real_cifar_small, tmp_path, run_dir, epochs, env):
+    first = TrainProcess(tmp_path, real_cifar_small, "drv", epochs, env=env)
     try:
         killed_at_s = first.wait_until(lambda: committed_epoch(run_dir) >= 1)
         committed = committed_epoch(run_dir)
@@ -171,7 +188,7 @@ def test_killed_driver_rerun_continues_from_latest_checkpoint(real_cifar_small, 
     assert not (run_dir / "result.json").exists()
 
     # The rerun resumes with 2 workers where 1 wrote the checkpoint: it says so and goes on.
-    second = TrainProcess(tmp_path, real_cifar_small, "drv", epochs, attempt="2", args=("--num-workers", "2"))
+    second = TrainProcess(tmp_path, real_cifar_small, "drv", epochs, attempt="2", args=("--num-workers", "2"), env=env)
     assert second.finish() == 0, second.log[-3000:]
     resumed = int(re.search(r"resuming from the checkpoint of epoch (\d+)", second.log).group(1))
     assert committed <= resumed <= finished_before_kill and finished_before_kill - resumed <= 1
