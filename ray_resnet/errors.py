@@ -58,3 +58,7 @@ class ReportError(UserError, ValueError):
 
 class NoRunsError(UserError, FileNotFoundError):
     """The directory holds no TensorBoard event files."""
+
+
+class TensorBoardError(UserError, RuntimeError):
+    """TensorBoard exited on its own with an error (e.g. its port is taken); it printed why just before."""
