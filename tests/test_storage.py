@@ -4,6 +4,7 @@ the client settings in their environment, as a user's shell would."""
 
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -11,15 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ray_resnet.apps import cli
 from ray_resnet.apps.report import read_curve
 from ray_resnet.config import Config, read_config, save_config
 from ray_resnet.core.checkpoint import CheckpointState, load_checkpoint, save_checkpoint
+from ray_resnet.core.datasets import load_cifar
 from ray_resnet.io import storage
 
 from cluster_scenarios import committed_epoch, run_scenario
-from fixtures import own_lines
+from fixtures import own_lines, random_cifar, write_torchvision_cifar
 from s3_server import BUCKET, S3Server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -232,6 +235,75 @@ def test_ray_resnet_tensorboard_serves_a_bucket_through_its_mirror_and_stops_wit
     assert "mirror refreshed: 1 new or grown event file(s)" in log
     with capsys.disabled():  # shown with -s
         print(f"\n[s3] ray-resnet tensorboard {run} printed:\n  " + "\n  ".join(log.strip().splitlines()))
+
+
+# --- --download into a bucket ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def cifar10_site(tmp_path, monkeypatch):
+    """torchvision's CIFAR-10 downloader pointed at a web server on 127.0.0.1 (no internet here) that serves a
+    small archive in the real layout: only its URL and md5s are patched; the download, the md5 checks and the
+    extraction are torchvision's own. Yields (train set, test set, the requests the server answered)."""
+    import hashlib
+    import http.server
+    import tarfile
+    import threading
+
+    from torchvision.datasets import CIFAR10
+
+    train_set, test_set = random_cifar(10, seed=10), random_cifar(5, seed=11)
+    folder = write_torchvision_cifar(tmp_path / "src", *train_set, *test_set)
+    for file in folder.iterdir():  # torchvision reads the real (Python 2) files' keys as str, ray-resnet as bytes
+        entry = pickle.loads(file.read_bytes())
+        file.write_bytes(pickle.dumps({**entry, **{key.decode(): value for key, value in entry.items()}}))
+    site = tmp_path / "site"
+    site.mkdir()
+    with tarfile.open(site / CIFAR10.filename, "w:gz") as archive:
+        archive.add(folder, arcname=CIFAR10.base_folder)
+    requests = []
+
+    class Site(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(site), **kwargs)
+
+        def log_message(self, format, *args):
+            requests.append(f"{self.command} {self.path}")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Site)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    md5 = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in [*folder.iterdir(), site / CIFAR10.filename]}
+    monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{server.server_port}/{CIFAR10.filename}")
+    monkeypatch.setattr(CIFAR10, "tgz_md5", md5[CIFAR10.filename])
+    monkeypatch.setattr(CIFAR10, "train_list", [[name, md5[name]] for name, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[name, md5[name]] for name, _ in CIFAR10.test_list])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5[CIFAR10.meta["filename"]]})
+    yield train_set, test_set, requests
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_into_a_bucket_uploads_torchvisions_files_then_reads_them_from_there(s3_env, cifar10_site, tmp_path,
+                                                                                      capsys):
+    train_set, test_set, requests = cifar10_site
+    root, cache = f"s3://{BUCKET}/downloaded/cifar10", tmp_path / "cache"
+    images, labels = load_cifar(root, "train", download=True, cache_dir=cache)
+    assert torch.equal(images, train_set[0]) and torch.equal(labels, train_set[1])
+    downloaded = list(requests)  # torchvision's GETs of the archive (the first only looks for a redirect)
+    assert downloaded and set(downloaded) == {"GET /cifar-10-python.tar.gz"}
+    # (pyarrow leaves an empty directory marker, downloaded/cifar10/, where the write check deleted its probe)
+    uploaded = [k for k in s3_env.keys("downloaded/") if not k.endswith("/")]
+    assert uploaded == [f"downloaded/cifar10/cifar-10-batches-py/{name}" for name in
+                        ("batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch")]  # no archive
+    assert not list(cache.glob("download-*"))  # the local temp dir (archive and extracted files) is gone
+    out = capsys.readouterr().out
+    assert f"uploading cifar-10-batches-py to {root}" in out
+    with capsys.disabled():  # shown with -s
+        print("\n[s3] load_cifar(s3://..., download=True) printed:\n  " + "\n  ".join(out.strip().splitlines()))
+
+    # The other split, and a fresh cache: read from the bucket, nothing downloaded again.
+    assert torch.equal(load_cifar(root, "test", download=True, cache_dir=cache)[0], test_set[0])
+    assert torch.equal(load_cifar(root, "train", download=False, cache_dir=tmp_path / "fresh")[0], train_set[0])
+    assert requests == downloaded
 
 
 # --- runs, sweeps and commands on S3: real Ray in subprocesses -------------------------------------------------
