@@ -109,7 +109,7 @@ def _sources(root: str, dataset: str, split: str, download: bool, cache_dir: Pat
 def _download(root: str, dataset: str, split: str, cache_dir: Path) -> None:
     """Both splits, in torchvision's pickle layout, with torchvision's downloader (which checks their md5s). It
     writes only to a local dir, so a URI root gets them through a temp dir under the cache (the archive and its
-    extracted files, about 340 MB for either dataset; /tmp may be a small RAM disk), and then only the extracted
+    extracted files, about 360 MB for either dataset; /tmp may be a small RAM disk), and then only the extracted
     folder is uploaded."""
     download_cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
     if not storage.is_uri(root):
