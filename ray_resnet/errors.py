@@ -62,3 +62,7 @@ class NoRunsError(UserError, FileNotFoundError):
 
 class TrackingError(UserError, RuntimeError):
     """MLflow tracking asked for (run.mlflow, MLFLOW_TRACKING_URI) but not usable: not installed, server down."""
+
+
+class TensorBoardError(UserError, RuntimeError):
+    """TensorBoard exited on its own with an error (e.g. its port is taken); it printed why just before."""

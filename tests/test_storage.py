@@ -4,6 +4,7 @@ the client settings in their environment, as a user's shell would."""
 
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -11,15 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ray_resnet.apps import cli
 from ray_resnet.apps.report import read_curve
 from ray_resnet.config import Config, read_config, save_config
 from ray_resnet.core.checkpoint import CheckpointState, load_checkpoint, save_checkpoint
+from ray_resnet.core.datasets import load_cifar
 from ray_resnet.io import storage
 
 from cluster_scenarios import committed_epoch, run_scenario
-from fixtures import own_lines
+from fixtures import own_lines, random_cifar, write_torchvision_cifar
 from s3_server import BUCKET, S3Server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,6 +124,186 @@ def test_refused_and_missing_credentials_name_what_to_check(tmp_path, capsys, mo
         assert "no AWS credentials are configured here" in line and "check the credentials" in line
     finally:
         guarded.stop()
+
+
+# --- TensorBoard on a bucket: a local mirror of the event files ------------------------------------------------
+
+def _event_files(directory: Path) -> dict[str, bytes]:
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("events.out.*"))}
+
+
+def test_the_mirror_copies_a_runs_event_files_then_only_what_grew(s3_env, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from ray_resnet.io.eventmirror import Changes, sync_events
+
+    local, run, mirror = tmp_path / "r0", f"s3://{BUCKET}/mirrored/r0", tmp_path / "mirror"
+    (local / "best").mkdir(parents=True)
+    (local / "best" / "checkpoint.pt").write_bytes(b"not an event file")
+    epochs = SummaryWriter(str(local / "tb"))
+    for epoch in (1, 2):
+        epochs.add_scalar("test/acc", 10.0 * epoch, epoch)
+    epochs.flush()
+    storage.upload_dir(local, run)
+    (epoch_file,) = _event_files(local / "tb")
+    first = sync_events(run, mirror)
+    assert first == Changes({f"tb/{epoch_file}": (local / "tb" / epoch_file).stat().st_size}, [])
+    assert _event_files(mirror) == _event_files(local)  # the event files alone, at their relative paths
+    assert not sync_events(run, mirror)  # nothing changed, nothing copied
+    inode, size = (mirror / "tb" / epoch_file).stat().st_ino, (mirror / "tb" / epoch_file).stat().st_size
+
+    epochs.add_scalar("test/acc", 30.0, 3)
+    epochs.close()
+    with SummaryWriter(str(local / "tb" / "steps")) as steps:
+        steps.add_scalar("step/lr", 0.1, 50)
+    storage.upload_dir(local, run)
+    (steps_file,) = _event_files(local / "tb" / "steps")
+    grown = (local / "tb" / epoch_file).stat().st_size - size
+    second = sync_events(run, mirror)
+    assert second.copied == {f"tb/{epoch_file}": grown, f"tb/steps/{steps_file}":
+                             (local / "tb" / "steps" / steps_file).stat().st_size} and grown > 0
+    assert (mirror / "tb" / epoch_file).stat().st_ino == inode  # appended in place, for a reader holding it open
+    assert _event_files(mirror) == _event_files(local)
+    accumulator = EventAccumulator(str(mirror / "tb"))
+    accumulator.Reload()
+    assert [(e.step, e.value) for e in accumulator.Scalars("test/acc")] == [(1, 10.0), (2, 20.0), (3, 30.0)]
+
+    storage.remove(f"{run}/tb/steps/{steps_file}")
+    assert sync_events(run, mirror) == Changes({}, [f"tb/steps/{steps_file}"])
+    assert list(_event_files(mirror)) == [f"tb/{epoch_file}"]
+
+
+def test_tensorboard_on_a_uri_checks_it_like_a_local_dir_and_reports_a_failed_start(s3_env, tmp_path, capsys,
+                                                                                      monkeypatch):
+    storage.write_text(f"s3://{BUCKET}/no-events/r/config.yaml", "model: resnet20\n")
+    line, _ = _error(capsys, "tensorboard", f"s3://{BUCKET}/no-events")
+    assert line == (f"ray-resnet: error: no TensorBoard event files under s3://{BUCKET}/no-events: runs write them "
+                    "to <run dir>/tb once their first epoch ends; pass a run dir or a sweep dir")
+    line, _ = _error(capsys, "tensorboard", f"s3://{BUCKET}/nothing-here")
+    assert line == (f"ray-resnet: error: s3://{BUCKET}/nothing-here does not exist; pass a run dir (runs/<name>) "
+                    "or a sweep dir")
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "tb")) as writer:
+        writer.add_scalar("test/acc", 10.0, 1)
+    storage.upload_dir(tmp_path / "tb", f"s3://{BUCKET}/port-taken/tb")
+    monkeypatch.setenv("RAY_RESNET_CACHE", str(tmp_path / "cache"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        line, _ = _error(capsys, "tensorboard", f"s3://{BUCKET}/port-taken", "--port", str(taken.getsockname()[1]))
+    assert line.startswith(f"ray-resnet: error: TensorBoard on the mirror of s3://{BUCKET}/port-taken exited with "
+                           "status ") and line.endswith("its own message above says why (e.g. pass another --port)")
+
+
+def test_ray_resnet_tensorboard_serves_a_bucket_through_its_mirror_and_stops_with_it(s3_env, tmp_path, monkeypatch,
+                                                                                     capsys):
+    import psutil
+    from test_run_outputs import Served, _free_port
+    from torch.utils.tensorboard import SummaryWriter
+
+    monkeypatch.setenv("RAY_RESNET_CACHE", str(tmp_path / "cache"))  # the mirror's home, for the subprocess too
+    local, run = tmp_path / "r1", f"s3://{BUCKET}/served/r1"
+    epochs = SummaryWriter(str(local / "tb"))
+    for epoch in (1, 2):
+        epochs.add_scalar("test/acc", 10.0 * epoch, epoch)
+        epochs.add_scalar("train/loss", 2.0 / epoch, epoch)
+    epochs.flush()
+    storage.upload_dir(local, run)
+    port = _free_port()
+    served = Served([sys.executable, "-m", "ray_resnet", "tensorboard", run, "--port", str(port), "--refresh-s", "1"],
+                    tmp_path / "tb.log", port)
+    try:
+        tags = served.request("/data/plugin/scalars/tags", ready=lambda t: "tb" in t)
+        assert set(tags) == {"tb"} and set(tags["tb"]) == {"test/acc", "train/loss"}
+        epochs.add_scalar("test/acc", 30.0, 3)  # the run goes on: its next epoch reaches the bucket
+        epochs.close()
+        storage.upload_dir(local, run)
+        points = served.request("/data/plugin/scalars/scalars?run=tb&tag=test/acc", ready=lambda p: len(p) == 3)
+        assert [(step, value) for _, step, value in points] == [(1, 10.0), (2, 20.0), (3, 30.0)]
+        children = psutil.Process(served.process.pid).children(recursive=True)  # TensorBoard and its data server
+        assert any("tensorboard.main" in " ".join(c.cmdline()) for c in children)
+    finally:
+        served.stop()
+    assert served.process.returncode == 0  # stopped by SIGTERM, as asked: not a failure
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, alive
+    log = served.log.read_text()
+    assert f"TensorBoard on {run} at http://127.0.0.1:{port}/ (Ctrl-C stops it)" in log
+    assert "mirror refreshed: 1 new or grown event file(s)" in log
+    with capsys.disabled():  # shown with -s
+        print(f"\n[s3] ray-resnet tensorboard {run} printed:\n  " + "\n  ".join(log.strip().splitlines()))
+
+
+# --- --download into a bucket ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def cifar10_site(tmp_path, monkeypatch):
+    """torchvision's CIFAR-10 downloader pointed at a web server on 127.0.0.1 (no internet here) that serves a
+    small archive in the real layout: only its URL and md5s are patched; the download, the md5 checks and the
+    extraction are torchvision's own. Yields (train set, test set, the requests the server answered)."""
+    import hashlib
+    import http.server
+    import tarfile
+    import threading
+
+    from torchvision.datasets import CIFAR10
+
+    train_set, test_set = random_cifar(10, seed=10), random_cifar(5, seed=11)
+    folder = write_torchvision_cifar(tmp_path / "src", *train_set, *test_set)
+    for file in folder.iterdir():  # torchvision reads the real (Python 2) files' keys as str, ray-resnet as bytes
+        entry = pickle.loads(file.read_bytes())
+        file.write_bytes(pickle.dumps({**entry, **{key.decode(): value for key, value in entry.items()}}))
+    site = tmp_path / "site"
+    site.mkdir()
+    with tarfile.open(site / CIFAR10.filename, "w:gz") as archive:
+        archive.add(folder, arcname=CIFAR10.base_folder)
+    requests = []
+
+    class Site(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(site), **kwargs)
+
+        def log_message(self, format, *args):
+            requests.append(f"{self.command} {self.path}")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Site)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    md5 = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in [*folder.iterdir(), site / CIFAR10.filename]}
+    monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{server.server_port}/{CIFAR10.filename}")
+    monkeypatch.setattr(CIFAR10, "tgz_md5", md5[CIFAR10.filename])
+    monkeypatch.setattr(CIFAR10, "train_list", [[name, md5[name]] for name, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[name, md5[name]] for name, _ in CIFAR10.test_list])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5[CIFAR10.meta["filename"]]})
+    yield train_set, test_set, requests
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_into_a_bucket_uploads_torchvisions_files_then_reads_them_from_there(s3_env, cifar10_site, tmp_path,
+                                                                                      capsys):
+    train_set, test_set, requests = cifar10_site
+    root, cache = f"s3://{BUCKET}/downloaded/cifar10", tmp_path / "cache"
+    images, labels = load_cifar(root, "train", download=True, cache_dir=cache)
+    assert torch.equal(images, train_set[0]) and torch.equal(labels, train_set[1])
+    downloaded = list(requests)  # torchvision's GETs of the archive (the first only looks for a redirect)
+    assert downloaded and set(downloaded) == {"GET /cifar-10-python.tar.gz"}
+    # (pyarrow leaves an empty directory marker, downloaded/cifar10/, where the write check deleted its probe)
+    uploaded = [k for k in s3_env.keys("downloaded/") if not k.endswith("/")]
+    assert uploaded == [f"downloaded/cifar10/cifar-10-batches-py/{name}" for name in
+                        ("batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch")]  # no archive
+    assert not list(cache.glob("download-*"))  # the local temp dir (archive and extracted files) is gone
+    out = capsys.readouterr().out
+    assert f"uploading cifar-10-batches-py to {root}" in out
+    with capsys.disabled():  # shown with -s
+        print("\n[s3] load_cifar(s3://..., download=True) printed:\n  " + "\n  ".join(out.strip().splitlines()))
+
+    # The other split, and a fresh cache: read from the bucket, nothing downloaded again.
+    assert torch.equal(load_cifar(root, "test", download=True, cache_dir=cache)[0], test_set[0])
+    assert torch.equal(load_cifar(root, "train", download=False, cache_dir=tmp_path / "fresh")[0], train_set[0])
+    assert requests == downloaded
 
 
 # --- runs, sweeps and commands on S3: real Ray in subprocesses -------------------------------------------------

@@ -209,7 +209,7 @@ def _export(args: argparse.Namespace) -> int:
 def _tensorboard(args: argparse.Namespace) -> int:
     from ray_resnet.apps.tensorboard import serve
 
-    serve(args.dir, args.host, args.port)
+    serve(args.dir, args.host, args.port, args.refresh_s)
     return 0
 
 
@@ -280,9 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export)
 
     p = sub.add_parser("tensorboard", help="serve TensorBoard on a run dir or a sweep dir")
-    p.add_argument("dir", help="a run dir (runs/<name>) or a sweep dir, local or s3://")
+    p.add_argument("dir", help="a run dir (runs/<name>) or a sweep dir, local or a URI (s3://, gs://, ...)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     p.add_argument("--port", type=int, default=6006)
+    p.add_argument("--refresh-s", type=float, default=30.0,
+                   help="a URI's event files are mirrored locally and refreshed every this many seconds")
     p.set_defaults(func=_tensorboard)
     return parser
 

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -62,17 +63,17 @@ def load_cifar(
     """Load a CIFAR split: images uint8 [N,3,32,32] contiguous NCHW, labels int64 [N].
 
     Sources under ``root`` (a local dir or a URI such as s3://bucket/cifar10), first match wins:
-    HuggingFace parquet, then torchvision's pickle batches, then (``download=True``, local roots) a
-    torchvision download. Decoded arrays are cached in ``cache_dir`` (local) keyed by the source
-    files' locations, sizes and mtimes.
+    HuggingFace parquet, then torchvision's pickle batches, then (``download=True``) a torchvision
+    download (into a URI root through a local temp dir under ``cache_dir``). Decoded arrays are cached
+    in ``cache_dir`` (local) keyed by the source files' locations, sizes and mtimes.
     """
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
     root = storage.absolute(root)
-    kind, files = _sources(root, dataset, split, download)
     cache_dir = resolve_cache_dir(cache_dir)
+    kind, files = _sources(root, dataset, split, download, cache_dir)
     stem = f"{dataset}-{split}-{_cache_key(dataset, split, files)[:24]}"
     image_path, label_path = cache_dir / f"{stem}.images.npy", cache_dir / f"{stem}.labels.npy"
 
@@ -94,19 +95,33 @@ def load_cifar(
     return images, labels
 
 
-def _sources(root: str, dataset: str, split: str, download: bool) -> tuple[str, list[str]]:
+def _sources(root: str, dataset: str, split: str, download: bool, cache_dir: Path) -> tuple[str, list[str]]:
     """(kind, files) of a split under `root`, downloading it there first if asked and absent."""
     found = _find_sources(root, dataset, split)
-    if found is None and download and storage.is_uri(root):
-        raise DataNotFoundError(f"{_NAMES[dataset]} is not under {root}, and --download writes only to a local "
-                                "dir: download it locally, or copy the parquet files there")
     if found is None and download:
-        download_cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
-        download_cls(str(root), train=split == "train", download=True)  # writes the pickle layout
+        _download(root, dataset, split, cache_dir)
         found = _find_sources(root, dataset, split)
     if found is None:
         raise DataNotFoundError(_not_found_message(root, dataset, split))
     return found
+
+
+def _download(root: str, dataset: str, split: str, cache_dir: Path) -> None:
+    """Both splits, in torchvision's pickle layout, with torchvision's downloader (which checks their md5s). It
+    writes only to a local dir, so a URI root gets them through a temp dir under the cache (the archive and its
+    extracted files, about 360 MB for either dataset; /tmp may be a small RAM disk), and then only the extracted
+    folder is uploaded."""
+    download_cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
+    if not storage.is_uri(root):
+        download_cls(root, train=split == "train", download=True)
+        return
+    storage.check_writable(root)  # a bucket that refuses the upload fails now, not after a 170 MB download
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="download-", dir=cache_dir) as local:
+        download_cls(local, train=split == "train", download=True)
+        folder = _PICKLE_LAYOUT[dataset][0]
+        print(f"uploading {folder} to {root}", flush=True)
+        storage.upload_dir(Path(local) / folder, storage.join(root, folder))
 
 
 def _parquet_patterns(dataset: str, split: str) -> list[str]:

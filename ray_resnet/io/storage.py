@@ -179,14 +179,20 @@ def glob(location: str, pattern: str) -> list[str]:
     return [join(base, n) for n in list_names(base) if fnmatch.fnmatchcase(n, leaf)]
 
 
+def file_sizes(location: str) -> dict[str, int]:
+    """Every file below a directory, from one recursive listing: its path relative to `location` (with /) -> its
+    size in bytes, in path order; {} if there is no such directory."""
+    def sizes(fs: pafs.FileSystem, path: str) -> dict[str, int]:
+        found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        files = sorted((f for f in found if f.type == pafs.FileType.File), key=lambda f: f.path)
+        return {posixpath.relpath(f.path, path): f.size for f in files}
+
+    return _op(location, sizes)
+
+
 def walk_files(location: str) -> list[str]:
     """Every file below a directory, as locations (sorted)."""
-    def files(fs: pafs.FileSystem, path: str) -> list[str]:
-        found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-        return sorted(f.path for f in found if f.type == pafs.FileType.File)
-
-    fs, root = filesystem(location)
-    return [join(location, posixpath.relpath(p, root)) for p in _op(location, files)]
+    return [join(location, relative) for relative in file_sizes(location)]
 
 
 def read_bytes(location: str) -> bytes:
@@ -195,6 +201,17 @@ def read_bytes(location: str) -> bytes:
         if fs.get_file_info(path).type != pafs.FileType.File:
             raise FileNotFoundError(location)
         with fs.open_input_stream(path) as f:
+            return f.read()
+
+    return _op(location, read, bounded=False)
+
+
+def read_from(location: str, offset: int) -> bytes:
+    """The file's bytes from `offset` on (on an object store, one ranged request); FileNotFoundError if there is
+    none."""
+    def read(fs: pafs.FileSystem, path: str) -> bytes:
+        with fs.open_input_file(path) as f:
+            f.seek(offset)
             return f.read()
 
     return _op(location, read, bounded=False)
