@@ -53,21 +53,27 @@ def ray_local():
 @pytest.fixture(autouse=True)
 def releases_its_placement_groups(request):
     """A test on the session's Ray leaves no placement group behind: a leaked one holds CPUs that every later
-    worker group then waits for, forever (a stopped trial's workers must be released)."""
-    yield
+    worker group then waits for, forever (a stopped trial's workers must be released). A leak fails the test that
+    left it, and is then removed, so the tests after it run on a clean cluster."""
     if "ray_local" not in request.fixturenames:
+        yield
         return
-    from ray.util import placement_group_table
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup, PlacementGroupID
 
+    before = set(placement_group_table())
+    yield
     deadline = time.monotonic() + 30  # Ray Train's placement-group cleaner polls its controller every few seconds
-    while (held := _held_placement_groups(placement_group_table())) and time.monotonic() < deadline:
+    while (held := _held_placement_groups(placement_group_table(), before)) and time.monotonic() < deadline:
         time.sleep(0.5)
+    for pg_id in held:
+        remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
     assert not held, f"placement groups still held after the test: {held}"
 
 
-def _held_placement_groups(table: dict) -> list[str]:
-    return [f"{pg['name'] or pg_id} {pg['state']} {pg['bundles']}" for pg_id, pg in table.items()
-            if pg["state"] != "REMOVED"]
+def _held_placement_groups(table: dict, before: set[str]) -> dict[str, str]:
+    return {pg_id: f"{pg['state']} {pg['bundles']}" for pg_id, pg in table.items()
+            if pg_id not in before and pg["state"] != "REMOVED"}
 
 
 @pytest.fixture(scope="session")
