@@ -397,5 +397,5 @@ def test_an_asha_sweep_on_a_ray_without_its_dashboard_is_refused_before_any_tria
               f"sys.exit(cli.main({sweep!r}))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
-    assert "scheduler.asha needs Ray's dashboard" in done.stderr and "--include-dashboard=true" in done.stderr
+    assert "scheduler.asha needs Ray's State API" in done.stderr and "--include-dashboard=true" in done.stderr
     assert not list((tmp_path / "sweeps").rglob("result.json"))

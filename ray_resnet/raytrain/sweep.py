@@ -411,8 +411,8 @@ def _open_tracking(sweep: Sweep) -> tracking.TrackedRun | None:
 
 def _check_stopped_trials_can_be_freed(sweep: Sweep) -> None:
     """Ray Train frees the workers of a trial ASHA stops only once it has seen, through the dashboard's State API,
-    that the trial's controller died; on a Ray without a dashboard their CPUs stay held and later trials wait
-    forever."""
+    that the trial's controller died; where that API cannot be reached (no dashboard, or several Ray instances on
+    the machine and no RAY_ADDRESS to tell them apart) their CPUs stay held and later trials wait forever."""
     from ray.util.state import list_actors
     from ray.util.state.exception import RayStateApiException
 
@@ -420,11 +420,11 @@ def _check_stopped_trials_can_be_freed(sweep: Sweep) -> None:
         return
     try:
         list_actors(limit=1, timeout=30, raise_on_missing_output=False)
-    except RayStateApiException:
-        raise SweepError("scheduler.asha needs Ray's dashboard (Ray Train frees a stopped trial's workers through "
-                         "its State API, and without it later trials wait forever): start Ray with its dashboard "
-                         "(`ray start --head --include-dashboard=true`) or remove scheduler: from the sweep file") \
-            from None
+    except (RayStateApiException, ConnectionError) as e:
+        raise SweepError("scheduler.asha needs Ray's State API (Ray Train frees a stopped trial's workers through it, "
+                         f"and without it later trials wait forever), which fails here ({str(e).splitlines()[0][:160]}): "
+                         "start Ray with its dashboard (`ray start --head --include-dashboard=true`), set RAY_ADDRESS "
+                         "where several Ray instances run, or remove scheduler: from the sweep file") from None
 
 
 def _load_datasets(sweep: Sweep) -> dict:
