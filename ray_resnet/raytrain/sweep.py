@@ -421,8 +421,9 @@ def _check_stopped_trials_can_be_freed(sweep: Sweep) -> None:
     try:
         list_actors(limit=1, timeout=30, raise_on_missing_output=False)
     except (RayStateApiException, ConnectionError) as e:
+        reason = str(e).splitlines()[0][:160]
         raise SweepError("scheduler.asha needs Ray's State API (Ray Train frees a stopped trial's workers through it, "
-                         f"and without it later trials wait forever), which fails here ({str(e).splitlines()[0][:160]}): "
+                         f"and without it later trials wait forever), which fails here ({reason}): "
                          "start Ray with its dashboard (`ray start --head --include-dashboard=true`), set RAY_ADDRESS "
                          "where several Ray instances run, or remove scheduler: from the sweep file") from None
 
