@@ -58,3 +58,7 @@ class ReportError(UserError, ValueError):
 
 class NoRunsError(UserError, FileNotFoundError):
     """The directory holds no TensorBoard event files."""
+
+
+class NoRunDirsError(UserError, FileNotFoundError):
+    """A storage root holds no run dirs (dirs with a config.yaml), or does not exist."""
