@@ -176,8 +176,8 @@ def test_a_sweep_dir_or_a_run_dir_alone(tmp_path):
 
 def test_a_finished_run_given_more_epochs_trains_on(tmp_path):
     root = _tree(tmp_path / "runs")
-    cfg = load_config(None, ["model=resnet20", "schedule.epochs=3", "schedule.warmup_epochs=0", "schedule.milestones=[]",
-                              f"run.storage={root}", "run.name=r20-done"])
+    cfg = load_config(None, ["model=resnet20", "schedule.epochs=3", "schedule.warmup_epochs=0",
+                             "schedule.milestones=[]", f"run.storage={root}", "run.name=r20-done"])
     write_config(replace(cfg, schedule={"epochs": 5}))  # the rerun's config.yaml; result.json stays until its end
     row = next(r for r in read_status(str(root)) if r.name == "r20-done")
     assert (row.status, row.epoch, row.epochs, row.test_acc) == ("running", 3, 5, 82.5)
