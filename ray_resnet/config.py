@@ -464,8 +464,14 @@ def load_config(path: str | Path | None = None, sets: list[str] = (), extra: dic
 def read_config(location: str) -> Config:
     """A config a run saved (its config.yaml, local or a URI). The rules between keys are those of the version that
     wrote it, so only keys and values are checked: a run dir stays readable after an upgrade."""
+    return saved_config(storage.read_bytes(location), location)
+
+
+def saved_config(data: bytes, location: str) -> Config:
+    """The config in a saved config.yaml's bytes, read from `location` (which an error names), checked as by
+    read_config."""
     try:
-        return from_dict(yaml.safe_load(storage.read_text(location)) or {}, rules=False)
+        return from_dict(yaml.safe_load(data.decode()) or {}, rules=False)
     except (yaml.YAMLError, UnicodeDecodeError, ConfigError) as e:
         raise ConfigError(f"cannot read the saved config {location} ({str(e).splitlines()[0][:200]}); move it "
                           "aside or pass another --name") from None

@@ -66,3 +66,7 @@ class TrackingError(UserError, RuntimeError):
 
 class TensorBoardError(UserError, RuntimeError):
     """TensorBoard exited on its own with an error (e.g. its port is taken); it printed why just before."""
+
+
+class NoRunDirsError(UserError, FileNotFoundError):
+    """A storage root holds no run dirs (dirs with a config.yaml), or does not exist."""

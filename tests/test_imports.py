@@ -26,7 +26,7 @@ def test_importing_the_pure_modules_leaves_ray_unloaded(tmp_path):
     assert _python(f"import sys; {imports}; print('ray' in sys.modules)", tmp_path) == "False"
 
 
-def test_eval_export_report_tensorboard_and_help_never_import_ray(tmp_path):
+def test_eval_export_report_status_tensorboard_and_help_never_import_ray(tmp_path):
     out = _python("""
         import os, sys, yaml
         from fixtures import random_cifar, trained_like, write_parquet_cifar
@@ -48,6 +48,7 @@ def test_eval_export_report_tensorboard_and_help_never_import_ray(tmp_path):
             "export": ["export", "--checkpoint", "sweep/r-s0", "--data", "data", "--format", "state_dict",
                        "--output", "r.pt"],
             "report": ["report", "sweep"],
+            "status": ["status", "sweep"],
             "tensorboard": ["tensorboard", "sweep"],
             "--help": ["--help"],
         }

@@ -1,4 +1,4 @@
-"""`ray-resnet` command line: train, sweep, report, eval, export, tensorboard.
+"""`ray-resnet` command line: train, sweep, report, status, eval, export, tensorboard.
 
 Errors users can fix print one line and exit with status 2. Only `train` and `sweep` import Ray."""
 
@@ -213,6 +213,14 @@ def _tensorboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from ray_resnet.apps.status import read_status, status_json, status_table
+
+    rows = read_status(args.root)
+    print(status_json(rows) if args.json else status_table(rows))
+    return 0
+
+
 def _run_parent() -> argparse.ArgumentParser:
     """The flags `train` and `sweep` share."""
     p = argparse.ArgumentParser(add_help=False)
@@ -278,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["state_dict", "torchscript", "onnx"])
     p.add_argument("--output", help="file to write, local or a URI (default: <model>-<dataset>.{pt,ts.pt,onnx} here)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("status", help="one table of the runs and sweeps under a storage root: status, epoch, accuracy")
+    p.add_argument("root", nargs="?", default="runs",
+                   help="a storage root, sweep dir or run dir, local or a URI (default: runs)")
+    p.add_argument("--json", action="store_true", help="print one JSON list of row objects")
+    p.set_defaults(func=_status)
 
     p = sub.add_parser("tensorboard", help="serve TensorBoard on a run dir or a sweep dir")
     p.add_argument("dir", help="a run dir (runs/<name>) or a sweep dir, local or a URI (s3://, gs://, ...)")

@@ -93,7 +93,11 @@ class RunResult:
 
 def read_result(directory: str) -> RunResult | None:
     """A run dir's result.json, or None where there is none (or it is torn: the run is then not finished)."""
-    d = storage.read_json(storage.join(directory, RESULT_FILE))
+    return result_from(storage.read_json(storage.join(directory, RESULT_FILE)))
+
+
+def result_from(d: dict | None) -> RunResult | None:
+    """The RunResult of a result.json's content (None: no file, or a torn one)."""
     try:
         return RunResult.from_dict(d) if d else None
     except TypeError:  # a result.json missing required keys: written by something else
@@ -136,9 +140,49 @@ def trial_dirs(sweep_dir: str) -> list[str]:
 
 def latest_checkpoint(directory: str | os.PathLike) -> str | None:
     """The checkpoint Ray Train will resume from: the latest one its snapshot file has committed."""
-    snapshot = storage.read_json(storage.join(directory, SNAPSHOT_FILE)) or {}
-    latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+    latest = _latest_committed(storage.read_json(storage.join(directory, SNAPSHOT_FILE))).get("checkpoint_dir_name")
     return storage.join(directory, latest) if latest else None
+
+
+def _latest_committed(snapshot: dict | None) -> dict:
+    """The snapshot file's entry of the latest committed checkpoint: its dir name and the metrics reported with it."""
+    return (snapshot or {}).get("latest_checkpoint_result") or {}
+
+
+@dataclass(frozen=True)
+class CommittedEpoch:
+    """The epoch of a run's latest committed checkpoint (what a resume starts from) and its test accuracies (%), as
+    the snapshot file keeps the metrics reported with it; epoch 0: no checkpoint yet."""
+
+    epoch: int = 0
+    test_acc: float | None = None
+    best_test_acc: float | None = None
+
+
+def committed_epoch(snapshot: dict | None) -> CommittedEpoch:
+    """The CommittedEpoch of a checkpoint_manager_snapshot.json's content (None: no file yet)."""
+    metrics = _latest_committed(snapshot).get("metrics") or {}
+    return CommittedEpoch(metrics.get("epoch", 0), metrics.get("test_acc"), metrics.get("best_test_acc"))
+
+
+@dataclass(frozen=True)
+class Attempts:
+    """What environment.json says of a run's attempts, read without torch (which io.environment needs to write
+    it)."""
+
+    count: int = 0
+    first_started: str | None = None  # when the first attempt's driver started (UTC, ISO 8601)
+    last_host: str | None = None  # the host name of the latest attempt's driver
+    wall_time_s: float = 0.0  # every attempt's duration_s added up (seconds; rank 0 updates it after each epoch)
+
+
+def attempts_from(record: dict | None) -> Attempts:
+    """The Attempts of an environment.json's content (None: no file yet)."""
+    attempts = (record or {}).get("attempts") or []
+    if not attempts:
+        return Attempts()
+    return Attempts(len(attempts), attempts[0].get("started"), (attempts[-1].get("driver") or {}).get("host"),
+                    sum(a.get("duration_s", 0.0) for a in attempts))
 
 
 def write_config(cfg: Config) -> None:
