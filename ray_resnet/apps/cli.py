@@ -273,10 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="where sweep dirs go (default: the file's storage:, else runs/sweeps)")
     p.set_defaults(func=_sweep)
 
-    p = sub.add_parser("report", help="report.md, report.csv and curves.png of a sweep dir (vs the paper's Table 6)")
-    p.add_argument("sweep_dir", help="a sweep dir, e.g. runs/sweeps/table6 or s3://bucket/sweeps/table6")
-    p.set_defaults(func=_report)
-
     p = sub.add_parser("eval", parents=[model_source], help="test accuracy of a checkpoint or a weights file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_eval)
@@ -286,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["state_dict", "torchscript", "onnx"])
     p.add_argument("--output", help="file to write, local or a URI (default: <model>-<dataset>.{pt,ts.pt,onnx} here)")
     p.set_defaults(func=_export)
+    _add_readers(sub)
+    return parser
+
+
+def _add_readers(sub: argparse._SubParsersAction) -> None:
+    """The commands that only read run and sweep dirs."""
+    p = sub.add_parser("report", help="report.md, report.csv and curves.png of a sweep dir (vs the paper's Table 6)")
+    p.add_argument("sweep_dir", help="a sweep dir, e.g. runs/sweeps/table6 or s3://bucket/sweeps/table6")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("status", help="one table of the runs and sweeps under a storage root: status, epoch, accuracy")
     p.add_argument("root", nargs="?", default="runs",
@@ -300,7 +305,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refresh-s", type=float, default=30.0,
                    help="a URI's event files are mirrored locally and refreshed every this many seconds")
     p.set_defaults(func=_tensorboard)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
