@@ -28,15 +28,16 @@ def log_best_model(tracked: tracking.TrackedRun, cfg: Config, best_dir: str) -> 
     try:
         import mlflow.pytorch
 
+        # Saved locally, then uploaded through the run's own client: mlflow.set_tracking_uri / start_run would set
+        # process-wide state (MLFLOW_TRACKING_URI included) that turns tracking on for whatever runs next here.
         with tracking.http_settings(tracking.LOGGING_HTTP), tempfile.TemporaryDirectory() as local:
-            mlflow.set_tracking_uri(tracked.tracking_uri)
-            with mlflow.start_run(run_id=tracked.run_id):
-                # pickle: load_model gives the CifarResNet itself back (pt2 would give a traced graph)
-                mlflow.pytorch.log_model(model.eval(), name=MODEL_ARTIFACT, serialization_format="pickle",
-                                         input_example=np.zeros((1, 3, 32, 32), np.float32))  # the signature
-                path = os.path.join(local, STATE_DICT_ARTIFACT)
-                torch.save(model.state_dict(), path)
-                mlflow.log_artifact(path)
+            # pickle: load_model gives the CifarResNet itself back (pt2 would give a traced graph)
+            mlflow.pytorch.save_model(model.eval(), os.path.join(local, MODEL_ARTIFACT), serialization_format="pickle",
+                                      input_example=np.zeros((1, 3, 32, 32), np.float32))  # the signature
+            torch.save(model.state_dict(), os.path.join(local, STATE_DICT_ARTIFACT))
+            client = tracking.client(tracked.tracking_uri)
+            client.log_artifacts(tracked.run_id, os.path.join(local, MODEL_ARTIFACT), MODEL_ARTIFACT)
+            client.log_artifact(tracked.run_id, os.path.join(local, STATE_DICT_ARTIFACT))
     except Exception as e:  # the training is over and saved; MLflow holds a copy
         print(f"warning: the best model could not be logged to MLflow run {tracked.run_id} ({type(e).__name__}: "
               f"{str(e).splitlines()[0][:200] if str(e) else ''}); best/ holds it", flush=True)
