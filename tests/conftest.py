@@ -1,7 +1,6 @@
 """Shared fixtures. Ray tests run on a real local Ray with 2 CPUs (no mocks)."""
 
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -16,20 +15,14 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 SHARED_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "cifar10"
 
 
-def _cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return names[0] if names else platform.processor()
-
-
 def pytest_report_header(config):
     """The CPU and the precision it trains in head every run's log: tolerances and timings depend on both."""
     import torch
 
     from ray_resnet.core.precision import training_precision
+    from ray_resnet.io.environment import cpu_model
 
-    return (f"cpu: {_cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; "
+    return (f"cpu: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}; "
             f"perf.amp auto trains in {training_precision(torch.device('cpu'), 'auto')} here")
 
 
