@@ -76,13 +76,15 @@ def _free_port() -> int:
 
 
 def train(world: int, root, *sets: str) -> tuple[list[float], dict]:
-    """(per-step loss of the global batch, rank 0's state dict after one epoch) of `world` ranks."""
+    """(per-step loss of the global batch, rank 0's state dict after one epoch) of `world` ranks; every rank's state
+    is rank 0's (weights by DDP, BN buffers by the broadcast before evaluation)."""
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_rank, args=(world, _free_port(), str(root), list(sets), out), nprocs=world)
         ranks = [out[r] for r in range(world)]
     per_step = zip(*[[loss * n for loss, n in zip(r["losses"], r["shares"])] for r in ranks])
     totals = [sum(n) for n in zip(*[r["shares"] for r in ranks])]
+    assert all(_max_diff(r["state"], ranks[0]["state"]) == 0 for r in ranks)
     return [sum(weighted) / total for weighted, total in zip(per_step, totals)], ranks[0]["state"]
 
 

@@ -3,8 +3,10 @@
 With per-worker BatchNorm a run normalises over each worker's share of the batch (64 images at 2 workers, 8 at
 16) and DDP keeps rank 0's running statistics: the training changes with the worker count. Global BatchNorm makes
 every worker normalise with the mean and variance of the whole global batch, and every rank's running statistics
-the same. On CUDA it is torch's SyncBatchNorm; torch's refuses CPU tensors, so on CPU (gloo) it is
-`GlobalBatchNorm2d`: the per-channel sums are all-reduced once in forward and once (their gradient) in backward.
+the same. One implementation for CPU (gloo) and CUDA (NCCL), `GlobalBatchNorm2d`: per layer, the per-channel
+sums are all-reduced as one tensor in forward and one (their gradients) in backward, and nothing is read back to
+the host. torch's SyncBatchNorm is not used: it refuses CPU tensors, and on CUDA it costs a host sync per layer (a
+boolean-mask index) and two blocking collectives per layer in forward.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ class _GlobalBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float):
-        count = torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64, device=x.device)
+        # a fill on the device, not a tensor from a Python number (a host-to-device copy per layer on CUDA)
+        count = x.new_full((1,), x.numel() // x.shape[1], dtype=torch.float64)
         # [sum, sum of squares, count] over all ranks, added up in float64 so E[x^2] - E[x]^2 does not cancel
         # (torch.var_mean is 5x slower on channels_last tensors than these two reductions)
         stats = torch.cat([x.sum((0, 2, 3), dtype=torch.float64), (x * x).sum((0, 2, 3), dtype=torch.float64), count])
@@ -70,18 +73,17 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
-                momentum = self.momentum if self.momentum is not None else 1 / float(self.num_batches_tracked)
+                # a cumulative average without momentum; a tensor, as float() would wait for the device
+                momentum = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked
                 unbiased = var * total / (total - 1).clamp(min=1)
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
         return out.to(x.dtype)
 
 
-def use_global_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """`model` with every BatchNorm2d normalising over the global batch: torch's SyncBatchNorm on CUDA, else
-    GlobalBatchNorm2d (in place: the modules keep their parameters and buffers)."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+def use_global_batchnorm(model: nn.Module) -> nn.Module:
+    """`model` with every BatchNorm2d normalising over the global batch (in place: the modules keep their parameters
+    and buffers, on any device)."""
     for module in model.modules():
         if type(module) is nn.BatchNorm2d:
             module.__class__ = GlobalBatchNorm2d

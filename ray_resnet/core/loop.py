@@ -99,19 +99,23 @@ class Diverged:
 
 
 def build_training(cfg: Config, device: torch.device, steps_per_epoch: int, world: int = 1,
-                   wrap: Callable[[nn.Module], nn.Module] = lambda model: model) -> Training:
+                   wrap: Callable[..., nn.Module] = lambda model, **ddp: model) -> Training:
     """The seeded model on `device` (channels_last if asked; BatchNorm over the global batch when `world` > 1 and
-    cfg.batchnorm is "global"), wrapped by `wrap` (e.g. for DDP), compiled if asked."""
+    cfg.batchnorm is "global"), wrapped by `wrap(model, **DDP keyword arguments)` (e.g. for DDP), compiled if asked.
+    """
     torch.manual_seed(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
     core = build_model(cfg.model, NUM_CLASSES[cfg.data.dataset]).to(device)
-    if world > 1 and cfg.batchnorm == "global":
-        core = use_global_batchnorm(core, device)
+    global_bn = world > 1 and cfg.batchnorm == "global"
+    if global_bn:
+        core = use_global_batchnorm(core)
     if cfg.perf.channels_last:
         core = core.to(memory_format=torch.channels_last)
-    wrapped = wrap(core)
+    # Global BN keeps every rank's statistics equal: DDP's broadcast of the buffers before every step is not needed.
+    wrapped = wrap(core, broadcast_buffers=not global_bn)
     optimizer = make_optimizer(wrapped, cfg.optim)
-    return Training(model=compile_model(wrapped, device, cfg.perf.compile, cfg.perf.cuda_graphs), optimizer=optimizer,
-                    scheduler=make_scheduler(optimizer, cfg.optim.lr, cfg.schedule, steps_per_epoch), core=core)
+    return Training(model=compile_model(wrapped, device, cfg.perf.compile, cfg.perf.cuda_graphs, world),
+                    optimizer=optimizer, core=core,
+                    scheduler=make_scheduler(optimizer, cfg.optim.lr, cfg.schedule, steps_per_epoch))
 
 
 def steps_per_epoch(cfg: Config, num_train: int, world: int) -> int:
@@ -137,8 +141,9 @@ def run_epoch(cfg: Config, training: Training, data: Splits, epoch: int, rank: i
         for hook in hooks:
             hook.step_end(first + i, images, loss, lr)
     settings, train_set = StepSettings.of(cfg, data.pixel_mean), LabeledImages(data.train_images, data.train_labels)
-    train = train_one_epoch(training, train_set, steps, epoch_generator(cfg.seed, epoch, data.train_images.device),
-                            settings, on_step=step_end)
+    # augmentation runs where the images go: the model's device (data may stay on the CPU beside a CUDA model)
+    generator = epoch_generator(cfg.seed, epoch, next(training.core.parameters()).device)
+    train = train_one_epoch(training, train_set, steps, generator, settings, on_step=step_end)
     # Evaluate rank 0's BN statistics everywhere (with per-worker BN they differ): the checkpoint's.
     broadcast_from_first_rank(list(training.core.buffers()))
 

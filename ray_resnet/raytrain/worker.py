@@ -89,7 +89,8 @@ def _train_worker(spec: WorkerSpec, peer_nodes: set[str]) -> Outcome:
     data = _worker_splits(cfg, ray.get(spec.dataset), device)  # [Ray 2] the dataset, zero-copy
     steps = steps_per_epoch(cfg, len(data.train_index), world)
     extra = spec.worker_hooks() if spec.worker_hooks else []  # before the model: a hook's set-up applies to it
-    training = build_training(cfg, device, steps, world, wrap=ray.train.torch.prepare_model)  # [Ray 3] DDP
+    training = build_training(cfg, device, steps, world, wrap=lambda model, **ddp: ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs=ddp))  # [Ray 3] DDP
     progress = _restore(ray.train.get_checkpoint(), training, rank, spec.run_dir)  # [Ray 4] resume
     workers = _gather_workers(rank, device, cfg.perf.amp)
     peer_nodes.update(w["node_id"] for w in workers if w["node_id"] != workers[rank]["node_id"])
