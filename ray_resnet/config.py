@@ -107,10 +107,12 @@ class PerfConfig:
     amp: Literal["auto", "fp32", "bf16"] = "auto"
     # larger batches overflow the CPU's L3 cache (2x slower per image at 1000)
     eval_batch_size: int = setting(500, "x >= 1")
-    # torch.compile the training model. auto: on CUDA only (on 2 CPU cores compiling costs more than it saves).
+    # torch.compile the training model. auto: on one CUDA worker only (on 2 CPU cores compiling costs more than it
+    # saves; with several GPU workers compile + DDP + BatchNorm has not run yet, and "on" is refused there).
     # Off by default until the compiled GPU path has been measured on a GPU (none was lent so far).
     compile: Literal["auto", "on", "off"] = "off"
-    cuda_graphs: bool = False  # with compile on CUDA: mode "reduce-overhead" (replays the step's kernels as one graph)
+    # with compile on one CUDA worker: mode "reduce-overhead" (replays the step's kernels as one graph)
+    cuda_graphs: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 pass
     elif origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(tp):
+            return "on" if value else "off"  # YAML 1.1 reads `on` / `off` as booleans
         if value in typing.get_args(tp):
             return value
     elif origin is tuple:
@@ -282,6 +286,10 @@ def _check_rules(cfg: Config) -> None:
     if cfg.optim.batch_size < workers:
         broken.append(f"optim.batch_size={cfg.optim.batch_size} is the global batch, split across "
                       f"{_workers_named(cfg)}: each worker needs at least one image")
+    if cfg.perf.cuda_graphs and workers > 1:
+        broken.append(f"perf.cuda_graphs=true with {_workers_named(cfg)}: CUDA graphs replay one process's kernels "
+                      "and skip the graphs of a DDP step with BatchNorm (its buffers mutate); set "
+                      "perf.cuda_graphs=false for several workers")
     broken += split_problems(cfg, TRAIN_IMAGES[cfg.data.dataset], f"in {cfg.data.dataset}")
     if broken:
         raise ConfigError("; ".join(broken))

@@ -126,6 +126,8 @@ CASES = {
     "elastic max < min": (lambda w: _train(w, "--num-workers", "4-2"), "an elastic run takes \\[min, max\\]"),
     "elastic resize 0": (_set("run.num_workers=[1,2]", "run.resize_interval_s=0"), "resize_interval_s > 0"),
     "batchnorm typo": (_set("batchnorm=sync"), "batchnorm: expected 'global' | 'per_worker'"),
+    "cuda graphs, 2 workers": (_set("perf.cuda_graphs=true", "run.num_workers=2"),
+                               "perf.cuda_graphs=true with run.num_workers=2: .* set perf.cuda_graphs=false"),
     "checkpoint_every 0": (_set("run.checkpoint_every=0"), "run.checkpoint_every: 0 is out of range"),
     "keep_checkpoints 0": (_set("run.keep_checkpoints=0"), "keep_checkpoints >= 1"),
     "log_every_steps 0": (_set("run.log_every_steps=0"), "log_every_steps >= 1"),

@@ -84,6 +84,8 @@ def test_set_overrides_parse_yaml_values():
     assert cfg.optim.weight_decay == 5e-4 and cfg.run.name is None
     assert cfg.model == "resnet20"  # from the file
     assert parse_set("a.b.c=1") == {"a": {"b": {"c": 1}}}
+    # YAML 1.1 reads on/off as booleans: the values of a key whose choices are "on" / "off" still mean them
+    assert [load_config(None, [f"perf.compile={v}"]).perf.compile for v in ("on", "off", "auto")] == ["on", "off", "auto"]
 
 
 @pytest.mark.parametrize("assignment, message", [

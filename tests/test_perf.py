@@ -73,6 +73,42 @@ def test_compile_switch():
     assert compile_model(model, torch.device("cpu"), "auto") is model  # auto compiles on CUDA only
     compiled = compile_model(model, torch.device("cpu"), "on")
     assert compiled is not model and list(compiled.parameters())[0] is list(model.parameters())[0]
+    # torch.compile is lazy (nothing runs on the device here): auto compiles one CUDA worker, not several
+    assert compile_model(model, torch.device("cuda"), "auto", world=1) is not model
+    assert compile_model(model, torch.device("cuda"), "auto", world=2) is model
+
+
+def test_an_epochs_tail_batch_gets_a_static_graph_of_its_own_compiled_once():
+    from torch._dynamo.utils import counters
+
+    # a small net: what is tested is how often torch.compile compiles, not the ResNet (minutes on 2 CPU cores)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 4))
+    opt = make_optimizer(model, OptimConfig(lr=0.1))
+    training = Training(compile_model(model, torch.device("cpu"), "on"), opt, make_scheduler(opt, 0.1, NO_WARMUP, 2),
+                        core=model)
+    images, labels = _tiny_data(24)
+    torch._dynamo.reset()
+    counters.clear()
+    for epoch in range(2):  # batches of 16 and the tail of 8, twice
+        train_one_epoch(training, LabeledImages(images, labels), epoch_batches(24, 16, 1, 0, epoch, 0),
+                        torch.Generator().manual_seed(epoch), StepSettings(amp="fp32", channels_last=False))
+    assert counters["stats"]["unique_graphs"] == 2  # one per batch size, none recompiled in the second epoch
+    training.model(images[:4].float())
+    assert counters["stats"]["unique_graphs"] == 3  # static: a third size compiles its own, no dynamic graph reused
+
+
+def test_compile_on_is_refused_for_several_gpu_workers_before_any_starts():
+    from ray_resnet.config import load_config
+    from ray_resnet.errors import ConfigError
+    from ray_resnet.raytrain.cluster import plan_resources
+
+    gpus = ["run.autoscaling=true", "perf.compile=on"]  # an autoscaling run plans GPU workers without a cluster
+    with pytest.raises(ConfigError, match="perf.compile=on with run.num_workers=2 GPU workers has not been run yet"):
+        plan_resources(load_config(None, [*gpus, "run.num_workers=2"]))
+    assert plan_resources(load_config(None, gpus)).use_gpu  # one GPU worker compiles
+    assert not plan_resources(load_config(None, [*gpus, "run.num_workers=2", "run.device=cpu"])).use_gpu
 
 
 def test_compiled_step_matches_the_eager_step():
@@ -125,3 +161,23 @@ def test_training_steps_do_not_sync_the_host_on_cuda():
             torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchronizing" in str(w.message) for w in caught))
     assert counts[0] == counts[1], counts
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs only exist with a CUDA device")
+def test_global_batchnorm_math_does_not_sync_the_host_on_cuda():
+    """Forward and backward of the global BatchNorm layer (its collectives are no-ops in one process; NCCL's
+    all-reduce is asynchronous) read nothing back to the host."""
+    from ray_resnet.core.batchnorm import _GlobalBatchNorm
+
+    x = torch.randn(64, 16, 32, 32, device="cuda", requires_grad=True).to(memory_format=torch.channels_last)
+    weight = torch.ones(16, device="cuda", requires_grad=True)
+    bias = torch.zeros(16, device="cuda", requires_grad=True)
+    _GlobalBatchNorm.apply(x, weight, bias, 1e-5)[0].sum().backward()  # warm
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _GlobalBatchNorm.apply(x, weight, bias, 1e-5)[0].sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not [w for w in caught if "synchronizing" in str(w.message)]

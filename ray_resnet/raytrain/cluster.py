@@ -78,10 +78,12 @@ def plan_resources(cfg: Config) -> WorkerResources:
         use_gpu = cfg.run.device != "cpu"
         bundle = {"CPU": cfg.run.cpus_per_worker or 1, **({"GPU": cfg.run.gpus_per_worker} if use_gpu else {})}
         _check_gpu_sharing(cfg, use_gpu)
+        _check_gpu_compile(cfg, use_gpu)
         return WorkerResources(use_gpu, bundle, int(bundle["CPU"]))
     total = ray.cluster_resources()
     use_gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and total.get("GPU", 0) > 0)
     _check_gpu_sharing(cfg, use_gpu)
+    _check_gpu_compile(cfg, use_gpu)
     if use_gpu:
         bundle = {"CPU": cfg.run.cpus_per_worker or 1, "GPU": cfg.run.gpus_per_worker}
     else:
@@ -103,6 +105,15 @@ def _check_gpu_sharing(cfg: Config, use_gpu: bool) -> None:
                           f"{cfg.run.workers_text} could put two ranks of this run on one GPU, which NCCL refuses: "
                           "use run.gpus_per_worker=1 for a multi-worker run (fractions pack one-worker sweep "
                           "trials onto a GPU)")
+
+
+def _check_gpu_compile(cfg: Config, use_gpu: bool) -> None:
+    """torch.compile with DDP and BatchNorm across GPUs has open torch issues (graph breaks, compile errors) and has
+    not run here: refused before any worker starts, rather than failing or silently slowing every rank."""
+    if use_gpu and cfg.perf.compile == "on" and cfg.run.worker_range[1] > 1:
+        raise ConfigError(f"perf.compile=on with run.num_workers={cfg.run.workers_text} GPU workers has not been run "
+                          "yet: use perf.compile=auto (eager with several GPU workers, compiled with one) or "
+                          "run.num_workers=1")
 
 
 # Ray counts resources in fixed point, 1/10000 of a unit, so 0.1 GPU fits 10 times into 1 (as floats, 1.0 // 0.1
