@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"global / per_worker = **{bn_ratio:.2f}** (median of the per-repeat ratios). On CPU the global statistics "
         "come from `GlobalBatchNorm2d`: one all-reduce of per-channel sums per BatchNorm layer in the forward pass "
-        "and one in the backward pass (19 layers in ResNet-20); on CUDA torch's SyncBatchNorm does the same.",
+        "and one in the backward pass (19 layers in ResNet-20), the same code on CUDA.",
         "",
         "## Augmentation draws for the whole global batch",
         "",
