@@ -9,6 +9,7 @@ import functools
 import math
 import operator
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -269,8 +270,23 @@ def _in_range(value: Any, allowed: Allowed | None, key: str) -> Any:
     return value
 
 
+# A run or sweep name is one directory under its storage: never a path that leaves it (`../x`, `/abs`), a hidden
+# or special entry (`.`, `..`), or a URI's query (`?`) or fragment (`#`). Sweep trial names fit it too.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_=,+@()\[\]-][A-Za-z0-9._=,+@()\[\]-]{0,199}")
+
+
+def check_name(key: str, name: Any) -> str:
+    """`name`, if it is one safe path segment; else a ConfigError naming `key`."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise ConfigError(f"{key}={name!r} is not one safe path segment: use letters, digits and . _ - = , + @ ( ) "
+                          "[ ] (at most 200, not starting with a dot), e.g. resnet20-lr0.05")
+    return name
+
+
 def _check_rules(cfg: Config) -> None:
     """The rules that tie keys together; every broken one is named in one error."""
+    if cfg.run.name is not None:
+        check_name("run.name", cfg.run.name)
     if cfg.run.elastic and (len(cfg.run.num_workers) != 2 or cfg.run.num_workers[0] > cfg.run.num_workers[1]):
         raise ConfigError(f"run.num_workers={cfg.run.workers_text}: an elastic run takes [min, max] with "
                           "min <= max, e.g. [1, 4]")

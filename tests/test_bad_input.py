@@ -109,6 +109,9 @@ def world(tmp_path_factory, cache_dir) -> World:
     return World(root, storage, run_dir, files)
 
 
+SHIPPED = Path(__file__).parents[1] / "configs"
+
+
 def _train(w: World, *extra: str) -> list[str]:
     """`ray-resnet train` on the kept run (same name and storage), valid but for `extra`."""
     sets = [a for s in QUICK for a in ("--set", s)]
@@ -121,6 +124,10 @@ def _set(*assignments: str):
 
 CASES = {
     # CLI flags and --set values: ranges
+    # names: one path segment under the storage
+    "name ../x": (lambda w: _train(w, "--name", "../escaped"), "run.name='../escaped' is not one safe path segment"),
+    "name /abs": (lambda w: _train(w, "--name", str(w.files / "abs")), "is not one safe path segment"),
+    "name query": (_set("run.name=a?b"), "run.name='a\\?b' is not one safe path segment"),
     "num-workers 0": (lambda w: _train(w, "--num-workers", "0"), "run.num_workers: 0 is out of range"),
     "num-workers x": (lambda w: _train(w, "--num-workers", "x"), "run.num_workers: expected int | list of int, got 'x'"),
     "elastic max < min": (lambda w: _train(w, "--num-workers", "4-2"), "an elastic run takes \\[min, max\\]"),
@@ -187,6 +194,9 @@ CASES = {
     "sweep grid rule": (lambda w: ["sweep", "-c", str(w.files / "sweep-grid-rule.yaml")],
                         "schedule.milestones=\\[100, 150\\] lie beyond schedule.epochs=50"),
     "sweep top key": (lambda w: ["sweep", "-c", str(w.files / "sweep-top-key.yaml")], "unknown key 'gird'"),
+    "sweep name ..": (lambda w: ["sweep", "-c", str(SHIPPED / "sweep_lr_wd.yaml"), "--name", "..", "--storage",
+                                 str(w.files / "sweeps")],
+                      "name='..' is not one safe path segment"),
     "sweep workers 0": (lambda w: ["sweep", "-c", str(w.files / "sweep-workers.yaml")], "num_workers: 0 is out"),
     "sweep data < workers": (lambda w: ["sweep", "-c", str(w.files / "sweep-small-data.yaml"), "--storage",
                                         str(w.files / "sweeps")],

@@ -185,7 +185,7 @@ def _parse(raw: Any, path: Path, sets, extra: dict, name: str | None, storage_ro
         raise SweepError(f"num_samples: expected an int >= 1, got {num_samples!r}")
     asha = _parse_scheduler(raw.get("scheduler"))
 
-    sweep = Sweep(name=name or raw.get("name") or path.stem.removeprefix("sweep_"),
+    sweep = Sweep(name=config_lib.check_name("name", name or raw.get("name") or path.stem.removeprefix("sweep_")),
                   storage=storage.absolute(storage_root or raw.get("storage") or "runs/sweeps"),
                   base=base, grid=grid, search=search, num_samples=num_samples, asha=asha,
                   max_concurrent_trials=max_concurrent)
