@@ -17,7 +17,7 @@ from ray_resnet.core import datasets as data
 from ray_resnet.core.augment import augment, mean_image, normalize
 from ray_resnet.core.batches import epoch_batches, eval_shard, take_subset
 from ray_resnet.core.datasets import load_cifar
-from ray_resnet.errors import DataNotFoundError
+from ray_resnet.errors import DataError, DataNotFoundError
 
 from fixtures import random_cifar, write_parquet_cifar, write_torchvision_cifar
 
@@ -71,6 +71,29 @@ def test_root_may_be_the_pickle_folder_itself(tmp_path):
     folder = write_torchvision_cifar(tmp_path, *train, *test)
     images, labels = load_cifar(folder, "train", cache_dir=tmp_path / "c")
     assert torch.equal(images, train[0]) and torch.equal(labels, train[1])
+
+
+class _RunsCode:
+    """Pickles as a call of os.system: what a malicious `data_batch_1` would hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickle_that_names_code_is_refused_and_nothing_runs(tmp_path):
+    import pickle
+
+    train, test = random_cifar(10, seed=4), random_cifar(5, seed=5)
+    folder = write_torchvision_cifar(tmp_path, *train, *test)
+    marker = tmp_path / "ran"
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": _RunsCode(marker), b"labels": []}, protocol=2))
+    with pytest.raises(DataError, match=r"data_batch_1 names (posix|os)\.system, which no CIFAR batch holds: refused"):
+        load_cifar(folder, "train", cache_dir=tmp_path / "c")
+    assert not marker.exists()
+    assert torch.equal(load_cifar(folder, "test", cache_dir=tmp_path / "c")[1], test[1])  # the honest files load
 
 
 @pytest.mark.parametrize("subdir", [".", "plain_text", "cifar100"])

@@ -223,13 +223,36 @@ def _decode_png(png: bytes | None, row: int, files: list[str]) -> np.ndarray:
     return image
 
 
+# What torchvision's CIFAR batches hold besides builtins: numpy arrays (as numpy 1 and 2 pickle them) and, from
+# Python 3 writers, bytes. Nothing else is ever loaded: a pickle may name any callable, and loading runs it.
+_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def __init__(self, location: str):
+        super().__init__(io.BytesIO(storage.read_bytes(location)), encoding="bytes")  # Python 2's strings: bytes
+        self.location = location
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise DataError(f"{self.location} names {module}.{name}, which no CIFAR batch holds: refused, as loading "
+                            "it could run code; use the files of torchvision's CIFAR download (or the parquet files)")
+        return super().find_class(module, name)
+
+
 def _read_pickles(files: list[str], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     data, labels = [], []
     for f in files:
         try:
-            batch = pickle.loads(storage.read_bytes(f), encoding="bytes")  # the official files are Python 2 pickles
+            batch = _CifarUnpickler(f).load()
             rows = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3 * 32 * 32)
             batch_labels = list(batch[label_key])
+        except DataError:
+            raise
         except Exception as e:  # truncated, not a pickle, or not a CIFAR batch: all mean "fetch it again"
             raise DataError(f"cannot read {f} as a CIFAR batch ({type(e).__name__}: {str(e)[:120]}); it is "
                             "truncated or not from torchvision's CIFAR download: fetch it again") from None
