@@ -124,6 +124,13 @@ def _set(*assignments: str):
 
 CASES = {
     # CLI flags and --set values: ranges
+    # storage and data locations, checked before anything runs
+    "storage file://host/x": (lambda w: _train(w, "--storage", "file://runs/x"), "file:// is followed by an absolute"),
+    "storage ?query": (lambda w: _train(w, "--storage", "s3://bucket/runs?region=eu-west-1"), "\\?query or #fragment"),
+    "storage is a file": (lambda w: _train(w, "--storage", str(w.files / "exists.pt")), "a file is in the way"),
+    "storage read-only": (lambda w: _train(w, "--storage", "/proc/ray-resnet-runs"), "cannot write there"),
+    "data is a file": (lambda w: _train(w, "--data", str(next(w.root.rglob("train*.parquet")))),
+                       "is a file: give the folder that holds"),
     # names: one path segment under the storage
     "name ../x": (lambda w: _train(w, "--name", "../escaped"), "run.name='../escaped' is not one safe path segment"),
     "name /abs": (lambda w: _train(w, "--name", str(w.files / "abs")), "is not one safe path segment"),

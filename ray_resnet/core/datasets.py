@@ -97,6 +97,9 @@ def load_cifar(
 
 def _sources(root: str, dataset: str, split: str, download: bool, cache_dir: Path) -> tuple[str, list[str]]:
     """(kind, files) of a split under `root`, downloading it there first if asked and absent."""
+    if storage.is_file(root):
+        raise DataError(f"data.root {root} is a file: give the folder that holds the dataset's files "
+                        f"({storage.parent(root)})")
     found = _find_sources(root, dataset, split)
     if found is None and download:
         _download(root, dataset, split, cache_dir)

@@ -22,6 +22,7 @@ import posixpath
 import shutil
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -51,9 +52,26 @@ def is_uri(location: str | os.PathLike) -> bool:
     return "://" in str(location)
 
 
+def checked_uri(location: str | os.PathLike) -> str:
+    """`location`, unless it is a URI that ray-resnet and Ray's storage (pyarrow) would read differently: then a
+    StorageError that names the fix."""
+    location = str(location)
+    if not is_uri(location):
+        return location
+    if "?" in location or "#" in location:
+        raise StorageError(f"{location}: a URI's ?query or #fragment is read one way here and another by Ray's "
+                           "storage: give the bucket and path alone, and the endpoint or region in the environment "
+                           "(AWS_ENDPOINT_URL, AWS_REGION)")
+    host = urlsplit(location).netloc
+    if location.startswith("file://") and host not in ("", "localhost"):
+        raise StorageError(f"{location}: file:// is followed by an absolute path (file:///abs/path, three slashes); "
+                           f"here '{host}' would be read as a host and dropped: give file:///... or a plain path")
+    return location
+
+
 def absolute(location: str | os.PathLike) -> str:
     """A URI as given (without a trailing slash), a local path (or file:// URI) as an absolute path."""
-    location = str(location)
+    location = checked_uri(location)
     if location.startswith("file://"):
         location = urlsplit(location).path
     return location.rstrip("/") if is_uri(location) else str(Path(location).expanduser().resolve())
@@ -68,9 +86,13 @@ def name(location: str) -> str:
     return posixpath.basename(location.rstrip("/")) if is_uri(location) else os.path.basename(location)
 
 
+def parent(location: str) -> str:
+    return posixpath.dirname(location.rstrip("/")) if is_uri(location) else os.path.dirname(location)
+
+
 def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """(the pyarrow filesystem, the path inside it) of a location."""
-    location = str(location)
+    location = checked_uri(location)
     if not is_uri(location) or location.startswith("file://"):
         return pafs.LocalFileSystem(), absolute(location)
     parts = urlsplit(location)
@@ -243,12 +265,14 @@ def read_text(location: str) -> str:
 
 
 def read_json(location: str) -> dict | None:
-    """The JSON object in a file; None if there is none or it is unreadable (e.g. written by an older version that
-    wrote in place and crashed mid-write): callers treat that like a missing file."""
+    """The JSON object in a file; None if there is none or it is not a whole JSON object (e.g. written by an older
+    version that wrote in place and crashed mid-write): callers treat that like a missing file. A failed read is a
+    StorageError, never "no file": a record read as missing would be overwritten."""
     try:
-        return parse_json(read_bytes(location))
-    except OSError:
+        data = read_bytes(location)
+    except FileNotFoundError:
         return None
+    return parse_json(data)
 
 
 def parse_json(data: bytes | None) -> dict | None:
@@ -359,15 +383,24 @@ def download_dir(location: str, local_dir: str | os.PathLike) -> None:
 
 
 def check_writable(location: str) -> None:
-    """Write and delete a small file under `location`, so a missing bucket, refused credentials or a silent endpoint
-    fail here in one line, before any training starts (a local directory is created when first written)."""
-    if not is_uri(location):
-        return
+    """Write and delete a small file under `location`, so a missing bucket, refused credentials, a silent endpoint,
+    or a local path that is a file, read-only or full fail here in one line, before any training starts (a local
+    directory is created). The probe's name is unique: runs and sweep trials check one storage at once."""
     fs, path = filesystem(location)
-    probe = posixpath.join(path, ".ray-resnet-write-check")
+    probe = posixpath.join(path, f".ray-resnet-write-check-{uuid.uuid4().hex}")
 
     def write_and_delete() -> None:
         _put(fs, probe, b"ok")
         fs.delete_file(probe)
 
-    _answered(location, write_and_delete)
+    if is_uri(location):
+        _answered(location, write_and_delete)
+        return
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        write_and_delete()
+    except OSError as e:
+        reason = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else (
+            e.strerror or str(e))
+        raise StorageError(f"{location}: cannot write there ({reason}): choose another storage (--storage / "
+                           "run.storage), or free or fix that one") from None
