@@ -137,6 +137,10 @@ class RunConfig:
     keep_checkpoints: int = setting(2, "x >= 1")  # the latest K epoch checkpoints; the best one is kept apart
     # Worker-group restarts from the latest checkpoint before giving up; -1: no limit (Ray's convention).
     max_failures: int = setting(3, "x >= -1")
+    # How long a rank waits in a collective (seconds) before its peer counts as hung and the workers restart from
+    # the latest checkpoint (torch's default: 30 min). A healthy step's all-reduces take milliseconds; rank 0's
+    # checkpoint upload happens outside them, in Ray's report.
+    collective_timeout_s: float = setting(300.0, "x >= 10", runtime=True)
     # How workers spread over nodes (Ray placement group strategy); PACK fills one node first.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # The cluster adds nodes on demand (the cluster/ configs): skip the up-front "do the workers fit" check

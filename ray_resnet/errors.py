@@ -27,6 +27,10 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, truncated or not ours; the message says which file and what to do."""
 
 
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint of a format this version cannot read: every checkpoint of its run is, so none is passed over."""
+
+
 class WeightsError(UserError, ValueError):
     """A weights file is unreadable, not a state dict, or does not fit the model; the message says which keys."""
 

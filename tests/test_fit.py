@@ -209,6 +209,22 @@ def test_checkpoints_from_before_val_splits_resume():
     assert (progress.best_val_acc, progress.best_test_acc) == (0.0, hook.states[1].best_test_acc)
 
 
+def test_a_checkpoint_of_a_newer_format_is_refused_naming_both_versions(tmp_path):
+    from ray_resnet.core.checkpoint import FORMAT_VERSION
+    from ray_resnet.errors import CheckpointFormatError
+
+    cfg = _cfg("schedule.epochs=1")
+    data = _data(cfg)
+    hook = Recorder()
+    fit(cfg, _training(cfg, data), data, hooks=[hook])
+    save_checkpoint(hook.states[1], tmp_path / "today")
+    assert load_checkpoint(tmp_path / "today").format_version == FORMAT_VERSION  # today's files read back as written
+    torch.save({**hook.states[1].to_dict(), "format_version": FORMAT_VERSION + 1}, tmp_path / "newer.pt")
+    with pytest.raises(CheckpointFormatError, match=f"a checkpoint of format {FORMAT_VERSION + 1}, written by a newer "
+                                                    f"ray-resnet .this one reads formats up to {FORMAT_VERSION}."):
+        load_checkpoint(tmp_path / "newer.pt")
+
+
 def test_eval_of_a_pixel_mean_run_normalises_as_training_did(tmp_path, cache_dir, capsys):
     import json
 

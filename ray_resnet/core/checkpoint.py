@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ray_resnet.constants import BEST_DIR
-from ray_resnet.errors import CheckpointError
+from ray_resnet.errors import CheckpointError, CheckpointFormatError
 from ray_resnet.io import storage
 
 FILENAME = "checkpoint.pt"
@@ -111,7 +111,7 @@ class CheckpointState:
     def from_dict(cls, d: dict, file: str) -> CheckpointState:
         version = d.get("format_version", 1)
         if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise CheckpointError(f"{file} is a checkpoint of format {version}, written by a newer ray-resnet (this "
+            raise CheckpointFormatError(f"{file} is a checkpoint of format {version}, written by a newer ray-resnet (this "
                                   f"one reads formats up to {FORMAT_VERSION}): upgrade ray-resnet to read it")
         known = {f.name for f in dataclasses.fields(cls)}
         best = d.get("best")

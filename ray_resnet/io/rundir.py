@@ -50,7 +50,7 @@ class RunResult:
     model: str | None = None
     dataset: str | None = None
     seed: int | None = None
-    status: str = "finished"  # or "diverged"
+    status: str = "finished"  # or "diverged", or "error": a sweep trial's error that any rerun would raise again
     params: int | None = None
     final_test_acc: float | None = None
     best_test_acc: float | None = None  # the test accuracy of best/'s epoch
@@ -67,6 +67,7 @@ class RunResult:
     worker_nodes: list | None = None
     diverged_loss: float | None = None  # where the loss became NaN/inf
     diverged_epoch: int | None = None
+    error: str | None = None  # status "error": the one-line message
     already_finished: bool = False
 
     @property
@@ -142,6 +143,13 @@ def latest_checkpoint(directory: str | os.PathLike) -> str | None:
     """The checkpoint Ray Train will resume from: the latest one its snapshot file has committed."""
     latest = _latest_committed(storage.read_json(storage.join(directory, SNAPSHOT_FILE))).get("checkpoint_dir_name")
     return storage.join(directory, latest) if latest else None
+
+
+def kept_checkpoints(directory: str | os.PathLike) -> list[str]:
+    """Every checkpoint Ray Train's snapshot file keeps, newest epoch first."""
+    snapshot = storage.read_json(storage.join(directory, SNAPSHOT_FILE)) or {}
+    results = sorted(snapshot.get("checkpoint_results") or [], key=lambda r: -(r.get("metrics") or {}).get("epoch", 0))
+    return [storage.join(directory, r["checkpoint_dir_name"]) for r in results if r.get("checkpoint_dir_name")]
 
 
 def _latest_committed(snapshot: dict | None) -> dict:

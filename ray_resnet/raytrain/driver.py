@@ -21,11 +21,12 @@ from ray_resnet.core.checkpoint import load_checkpoint
 from ray_resnet.core.datasets import load_cifar
 from ray_resnet.core.loop import Hooks, selection_metric
 from ray_resnet.core.runlog import progress_every_s
-from ray_resnet.errors import CheckpointError, ConfigError, RunError
+from ray_resnet.errors import CheckpointError, CheckpointFormatError, ConfigError, RunError
 from ray_resnet.io import environment, storage, tracking
 from ray_resnet.io.rundir import (
     RunResult,
     diverged_error,
+    kept_checkpoints,
     latest_checkpoint,
     previous_result,
     read_result,
@@ -58,16 +59,34 @@ def check_split_fits(cfg: Config, num_train: int) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def check_resumable(directory: str) -> int:
-    """Epoch of the checkpoint a rerun resumes from (0: none); a corrupt one stops here, not in N retries."""
-    path = latest_checkpoint(directory)
-    if path is None:
-        return 0
-    try:
-        return load_checkpoint(path).epoch
-    except CheckpointError as e:
-        raise RunError(f"cannot resume {storage.name(directory)}: {e}. Move that checkpoint dir aside to resume from an "
-                       "older one, or pass --name for a fresh run") from None
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """Where a rerun resumes: the epoch of the newest intact kept checkpoint (0: none), and that checkpoint's
+    location when Ray's latest is damaged (the workers load it instead)."""
+
+    epoch: int = 0
+    instead_of_latest: str | None = None
+
+
+def check_resumable(directory: str) -> ResumePoint:
+    """The newest intact checkpoint a rerun resumes from. A damaged one (truncated, of an unknown format) is passed
+    over, in one line naming it and why; all of them damaged stops here, not in N retries on the workers."""
+    kept = kept_checkpoints(directory) if latest_checkpoint(directory) else []
+    problems = []
+    for path in kept:
+        try:
+            epoch = load_checkpoint(path).epoch
+        except CheckpointFormatError as e:  # written by another version: so are the older ones
+            raise RunError(f"cannot resume {storage.name(directory)}: {e}") from None
+        except CheckpointError as e:
+            problems.append(str(e))
+            print(f"note: passing over the damaged checkpoint {storage.name(path)}: {e}", flush=True)
+            continue
+        return ResumePoint(epoch, path if path != kept[0] else None)
+    if problems:
+        raise RunError(f"cannot resume {storage.name(directory)}: no kept checkpoint is intact ({problems[0]}); "
+                       "pass --name for a fresh run (nothing was deleted)")
+    return ResumePoint()
 
 
 def selection_summary(cfg: Config, metrics: dict) -> dict:
@@ -101,9 +120,9 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     finished = previous_result(cfg)
     if finished:
         return dataclasses.replace(finished, already_finished=True)
-    resume_epoch = check_resumable(directory)
-    if resume_epoch:
-        print(f"resuming run {cfg.run.name} from its epoch-{resume_epoch} checkpoint ({directory})", flush=True)
+    resume = check_resumable(directory)
+    if resume.epoch:
+        print(f"resuming run {cfg.run.name} from its epoch-{resume.epoch} checkpoint ({directory})", flush=True)
     tracked = tracking.open_run(cfg, directory, cfg.run.name, tracking.config_params(cfg), tracking.parent_run(cfg),
                                 _tracking_tags(cfg))
     arrays = None if dataset is not None else load_dataset(cfg)  # bad data paths fail here, before Ray starts
@@ -118,7 +137,8 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
         workers = list(cfg.run.worker_range) if cfg.run.elastic else cfg.run.num_workers
         spec = WorkerSpec(cfg, directory, dataset, resources.threads,
                           record_attempt(directory, environment.attempt(command or sys.argv, workers)), time.time(),
-                          progress_every_s(sys.stdout.isatty()), hparams or {}, worker_hooks, tracked)
+                          progress_every_s(sys.stdout.isatty()), hparams or {}, worker_hooks, tracked,
+                          resume.instead_of_latest)
         try:
             result = fit_or_explain(_trainer(spec, resources, callbacks), cfg.run.max_failures)
             return _finish(spec, result)
@@ -150,6 +170,7 @@ def _trainer(spec: WorkerSpec, resources: WorkerResources, callbacks: list | Non
     run = spec.config.run
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker, train_loop_config={"spec": spec},
+        torch_config=ray.train.torch.TorchConfig(timeout_s=int(run.collective_timeout_s)),  # a hung peer's bound
         scaling_config=ray.train.ScalingConfig(
             num_workers=run.worker_range if run.elastic else run.num_workers,  # elastic: (min, max)
             elastic_resize_monitor_interval_s=run.resize_interval_s, use_gpu=resources.use_gpu,

@@ -26,7 +26,7 @@ from ray_resnet.core.collectives import gather_objects
 from ray_resnet.core.loop import Diverged, Hooks, Splits, build_training, fit, select_splits, steps_per_epoch
 from ray_resnet.core.precision import training_precision
 from ray_resnet.core.runlog import RunLog
-from ray_resnet.errors import UserError
+from ray_resnet.errors import CheckpointError, StorageError, UserError
 from ray_resnet.io import environment, storage
 from ray_resnet.io.rundir import record_duration, record_worker_group
 from ray_resnet.io.tracking import MetricLog, TrackedRun
@@ -52,6 +52,7 @@ class WorkerSpec:
     hparams: dict = field(default_factory=dict)  # extra TensorBoard HParams entries (a sweep trial's swept keys)
     worker_hooks: Callable[[], list[Hooks]] | None = None  # makes more `fit` hooks on each worker
     tracked: TrackedRun | None = None  # the MLflow run rank 0 logs to
+    resume_from: str | None = None  # the newest intact checkpoint, where the latest one Ray resumes from is damaged
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ def train_loop_per_worker(loop_config: dict) -> Outcome:
     peer_nodes: set[str] = set()  # the other ranks' nodes, once gathered
     try:
         return _train_worker(spec, peer_nodes)
+    except StorageError as e:  # the store failed mid-run (a 503, a stall), on rank 0 alone: not the user's to fix
+        raise RuntimeError(f"storage failed during the run (restarted from the last checkpoint up to run.max_failures "
+                           f"times): {e}") from None
     except UserError as e:
         return Outcome("error", error=str(e))
     except RuntimeError as e:
@@ -91,7 +95,7 @@ def _train_worker(spec: WorkerSpec, peer_nodes: set[str]) -> Outcome:
     extra = spec.worker_hooks() if spec.worker_hooks else []  # before the model: a hook's set-up applies to it
     training = build_training(cfg, device, steps, world, wrap=lambda model, **ddp: ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs=ddp))  # [Ray 3] DDP
-    progress = _restore(ray.train.get_checkpoint(), training, rank, spec.run_dir)  # [Ray 4] resume
+    progress = _restore(ray.train.get_checkpoint(), training, rank, spec)  # [Ray 4] resume
     workers = _gather_workers(rank, device, cfg.perf.amp)
     peer_nodes.update(w["node_id"] for w in workers if w["node_id"] != workers[rank]["node_id"])
     rank0 = _rank0_hooks(spec, workers, progress.epoch, steps) if rank == 0 else []
@@ -114,13 +118,18 @@ def _worker_splits(cfg: Config, arrays: dict[str, np.ndarray], device: torch.dev
     return select_splits(cfg, tensors)
 
 
-def _restore(checkpoint: ray.train.Checkpoint | None, training, rank: int, run_dir: str) -> Progress:
+def _restore(checkpoint: ray.train.Checkpoint | None, training, rank: int, spec: WorkerSpec) -> Progress:
     state = None
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = load_checkpoint(d)
+        try:
+            with checkpoint.as_directory() as d:
+                state = load_checkpoint(d)
+        except CheckpointError:
+            if spec.resume_from is None:  # the driver found it intact: not damaged when the attempt began
+                raise
+            state = load_checkpoint(spec.resume_from)  # the damaged latest one, which the driver passed over
     if rank == 0:
-        sync_best(state, storage.join(run_dir, BEST_DIR))
+        sync_best(state, storage.join(spec.run_dir, BEST_DIR))
     if state is None:
         return Progress()
     progress = state.restore(training)
