@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -14,10 +15,12 @@ import yaml
 
 from ray_resnet.apps import cli
 from ray_resnet.apps.report import read_runs
+from ray_resnet.config import load_config
 from ray_resnet.errors import SweepError
 from ray_resnet.raytrain.driver import load_dataset
 from ray_resnet.raytrain.sweep import (
     _max_concurrent,
+    _record_trial_error,
     grid_configs,
     load_sweep,
     run_sweep,
@@ -291,7 +294,7 @@ def _fake_run(sweep_dir, model, seed, test_accs, train_accs, epochs, recipe="tim
             f'{{"epoch": {epochs}, "epochs": {epochs}, "final_test_acc": {test_accs[-1]}, "best_test_acc": 0}}')
 
 
-def test_report_of_a_partial_degradation_sweep(tmp_path):
+def test_report_of_a_partial_degradation_sweep(tmp_path, capsys):
     sweep_dir = tmp_path / "degradation"
     sweep_dir.mkdir()
     (sweep_dir / "sweep.yaml").write_text(yaml.safe_dump(
@@ -304,10 +307,15 @@ def test_report_of_a_partial_degradation_sweep(tmp_path):
     _fake_run(sweep_dir, "resnet20", 1, [56, 92], [56, 95], 2)
     _fake_run(sweep_dir, "resnet56", 0, [60, 93], [60, 98], 2)
     _fake_run(sweep_dir, "resnet56", 1, [61], [61], 2)
+    # plain56-s1 failed on an error any rerun would raise again: recorded as the trial records it, never rerun
+    _record_trial_error(load_config(None, ["model=plain56", "seed=1", "schedule.epochs=2", "run.name=plain56-s1",
+                                           f"run.storage={sweep_dir}"]), "cannot resume plain56-s1: no kept checkpoint")
 
     assert cli.main(["report", str(sweep_dir)]) == 0
     table = (sweep_dir / "report.md").read_text()
     assert "6 of 8 trials finished" in table
+    assert ("Failed (an error any rerun would raise again; not counted, not rerun by --resume): plain56-s1 "
+            "(cannot resume plain56-s1: no kept checkpoint).") in table
     assert "| plain20 | 269,722 | 2 | 11.00 ± 1.41 | 10.00 | — | — |" in table
     assert "| resnet20 | 269,722 | 2 | 8.50 ± 0.71 | 8.00 | 8.75 | -0.25 |" in table
     assert "| resnet56 | 853,018 | 1 | 7.00 ± — | 7.00 | 6.97 | +0.03 |" in table
@@ -317,6 +325,9 @@ def test_report_of_a_partial_degradation_sweep(tmp_path):
     with open(sweep_dir / "report.csv") as f:
         rows = {row["model"]: row for row in csv.DictReader(f)}
     assert rows["resnet56"]["unfinished"] == "resnet56-s1 (1/2 epochs)" and rows["plain56"]["seeds"] == "1"
+    assert rows["plain56"]["unfinished"] == "" and rows["plain56"]["failed"].startswith("plain56-s1 (cannot resume")
+    assert cli.main(["status", str(sweep_dir)]) == 0
+    assert re.search(r"plain56-s1 +\| plain56 .*\| error +\| 0/2", capsys.readouterr().out)
     import matplotlib.image
 
     assert matplotlib.image.imread(sweep_dir / "curves.png").shape[1] > 1000  # two panels: plain and ResNet

@@ -41,6 +41,7 @@ class Run:
     group: tuple  # the swept values other than the seed: runs of one group differ only by seed
     finished: RunResult | None  # result.json of a finished run
     diverged: RunResult | None  # result.json of a run whose training loss became NaN/inf
+    failed: RunResult | None = None  # result.json of a trial that stopped on an error any rerun would raise
     curve: dict[int, dict] = field(default_factory=dict)  # epoch -> that epoch's metrics
 
     @property
@@ -67,7 +68,7 @@ def read_runs(sweep_dir: str) -> tuple[dict, list[Run]]:
         finished = result if result and result.finished else None
         diverged = result if result and result.status == "diverged" else None
         run = Run(storage.name(run_dir), cfg, tuple(flat[k] for k in keys) if keys else (cfg.model,), finished,
-                  diverged)
+                  diverged, result if result and result.status == "error" else None)
         run.curve = read_curve(storage.join(run_dir, TB_DIR))
         runs.append(run)
     sweep["group_keys"] = keys or ["model"]
@@ -122,9 +123,10 @@ def summarize(runs: list[Run]) -> list[dict]:
         rows.append({
             "group": group, "model": cfg.model, "params": params[key], "seeds": len(done),
             "unfinished": [f"{r.name} ({r.epoch}/{r.cfg.schedule.epochs} epochs)" for r in members
-                           if not r.finished and not r.diverged],
+                           if not (r.finished or r.diverged or r.failed)],
             "diverged": [f"{r.name} (loss {r.diverged.diverged_loss} in epoch {r.diverged.diverged_epoch})"
                          for r in members if r.diverged],
+            "failed": [f"{r.name} ({r.failed.error})" for r in members if r.failed],
             "final_error_mean": mean, "final_error_std": std, "final_error_sem": sem,
             "best_final_error": min(errors, default=None),
             "final_train_error_mean": _mean_and_spread(train_errors)[0],
@@ -161,6 +163,10 @@ def _markdown(sweep: dict, sweep_dir: str, runs: list[Run], rows: list[dict]) ->
     if diverged:
         lines += ["", "Diverged (training loss NaN/inf; not counted, not rerun by --resume): " + ", ".join(diverged)
                   + "."]
+    failed = [f for row in rows for f in row["failed"]]
+    if failed:
+        lines += ["", "Failed (an error any rerun would raise again; not counted, not rerun by --resume): "
+                  + ", ".join(failed) + "."]
     lines += _recipe_table(sweep, rows)
     lines += _best_selection(runs)
     lines += _depth_trends(rows)
@@ -280,7 +286,7 @@ def write_report(sweep_dir: str) -> WrittenReport:
     write_text(report.markdown, report.text)
     table = io.StringIO()
     columns = ["params", "seeds", "final_error_mean", "final_error_std", "final_error_sem", "best_final_error",
-               "final_train_error_mean", "paper_error", "diff_vs_paper", "unfinished", "diverged"]
+               "final_train_error_mean", "paper_error", "diff_vs_paper", "unfinished", "diverged", "failed"]
     writer = csv.writer(table)
     writer.writerow([*sweep["group_keys"], *columns])
     for row in rows:

@@ -42,7 +42,7 @@ RUNNING_WITHIN_S = 10 * 60
 ROW_FILES = (CONFIG_FILE, RESULT_FILE, ENVIRONMENT_FILE, SNAPSHOT_FILE)
 COLUMNS = ("name", "model", "recipe", "status", "epoch", "test acc", "best", "wall time", "started (UTC)", "host")
 RIGHT_ALIGNED = {"epoch", "test acc", "best", "wall time"}
-STATUS_ORDER = ("finished", "diverged", "running", "interrupted")  # how the counts line lists them
+STATUS_ORDER = ("finished", "diverged", "error", "running", "interrupted")  # how the counts line lists them
 FOOTNOTE_WIDTH = 116  # characters
 
 

@@ -32,10 +32,20 @@ from ray import tune
 
 from ray_resnet import config as config_lib
 from ray_resnet.config import Config, flatten, merge, nest
-from ray_resnet.constants import SWEEP_FILE
-from ray_resnet.errors import ConfigError, DivergedError, RunError, SweepError
+from ray_resnet.constants import CONFIG_FILE, SWEEP_FILE
+from ray_resnet.errors import ConfigError, DivergedError, RunError, SweepError, UserError
 from ray_resnet.io import storage, tracking
-from ray_resnet.io.rundir import read_result, trial_dirs
+from ray_resnet.io.rundir import (
+    SNAPSHOT_FILE,
+    RunResult,
+    committed_epoch,
+    read_result,
+    resolve_run,
+    run_dir,
+    trial_dirs,
+    write_config,
+    write_result,
+)
 
 MODE = "max"  # of the metric trials are compared on (see tune_metric)
 TOP_KEYS = ("name", "storage", "config", "grid", "search", "num_samples", "scheduler", "resources")
@@ -307,6 +317,20 @@ def run_trial(trial_space: dict, sweep: Sweep, datasets: dict, command: list[str
                      command=command)
     except DivergedError:  # recorded in its result.json; a trial Tune counts as errored would rerun on --resume
         pass
+    except UserError as e:  # deterministic (bad data for this trial's split, a worker's error): recorded, not rerun
+        _record_trial_error(resolve_run(cfg), str(e))
+
+
+def _record_trial_error(cfg: Config, message: str) -> None:
+    """result.json status "error" in the trial's run dir (with its config.yaml, so report and status list it)."""
+    directory = run_dir(cfg)
+    if not storage.is_file(storage.join(directory, CONFIG_FILE)):
+        write_config(cfg)
+    print(f"trial {cfg.run.name} failed: {message}", flush=True)
+    trained = committed_epoch(storage.read_json(storage.join(directory, SNAPSHOT_FILE))).epoch
+    write_result(directory, RunResult(name=cfg.run.name, model=cfg.model, dataset=cfg.data.dataset, seed=cfg.seed,
+                                      epoch=trained, epochs=cfg.schedule.epochs, status="error", error=message,
+                                      run_dir=directory))
 
 
 def _param_space(sweep: Sweep) -> dict:
@@ -393,6 +417,7 @@ def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) ->
         results = _tuner(sweep, datasets, resume, max_concurrent).fit()
     errors = [str(r.error).splitlines()[0][:300] for r in results if r.error]
     summaries = [r for r in (read_result(d) for d in trial_dirs(sweep.dir)) if r]
+    errors += [f"{r.name}: {r.error}" for r in summaries if r.status == "error"]
     outcome = SweepOutcome(dir=sweep.dir, trials=trial_count(sweep), finished=sum(1 for r in summaries if r.finished),
                            diverged=sum(1 for r in summaries if r.status == "diverged"), errors=errors,
                            max_concurrent_trials=max_concurrent)
