@@ -79,7 +79,7 @@ def ray_rows(args: argparse.Namespace, has_ray: bool) -> list[Measurement]:
             "epochs": args.ray_epochs}
     rows = [Measurement("ray", {"step": f"short Ray Train run: resnet20, {args.ray_epochs} epochs, 1 worker"},
                         [{**base, "kind": "ray_run"}])]
-    rows += [Measurement("ray", {"step": f"sweep path: {trials} resnet20 trials sharing the GPU"},
+    rows += [Measurement("ray", {"step": f"sweep path: {trials} resnet20 trials at once"},
                          [{**base, "kind": "ray_sweep", "trials": trials}]) for trials in args.trials]
     for row in rows:
         row.status = NOT_YET if has_ray else "skipped: no Ray"
@@ -159,10 +159,14 @@ def run(row: Measurement, limit_s: float, budget_cut: bool, log: Path) -> None:
         specs = [{**spec, "sync_dir": str(scratch)} for spec in row.specs]
         processes = [start_process(spec, scratch / f"out{i}") for i, spec in enumerate(specs)]
         timed_out = wait_all(processes, scratch, limit_s)
+        for process in processes:  # what a finished process left behind too (compile workers, Ray's daemons)
+            kill(process)
         outputs = [read_output(scratch / f"out{i}", p.returncode) for i, p in enumerate(processes)]
     wall = time.perf_counter() - start
     row.results = [results for results, _, _ in outputs]
-    errors = [error for _, error, _ in outputs if error]
+    # a process this check killed because another failed comes last: the other's error is the row's
+    killed = f"exit -{int(signal.SIGKILL)}"
+    errors = sorted((error for _, error, _ in outputs if error), key=lambda error: error.startswith(killed))
     if timed_out:
         row.status = f"timeout: killed after {limit_s:.0f} s" + (" (end of the budget)" if budget_cut else "")
     elif errors:
@@ -254,7 +258,12 @@ def render(args: argparse.Namespace, host: dict, plan: list[Measurement], elapse
               f"## 2. Processes training {args.share_model} at once on one GPU (torch only, no Ray)", "",
               f"Each process: the engine, eager, {args.precisions[0]}, with its own copy of the data; timed together "
               f"over a {args.window_s:.0f} s window after every process's warm-up.", "",
-              *sharing_table(groups["share"]), "", "## 3. Ray", "", *ray_table(groups["ray"]), ""]
+              *sharing_table(groups["share"]), "", "## 3. Ray", "",
+              f"The short run: {args.ray_images} training images (raytrain.driver.run_training). The sweep path "
+              "(raytrain.sweep.run_sweep): each trial 1 worker with 1/trials of the GPU (without one: 1 CPU), "
+              "img/s of the last epoch summed over the trials."
+              + ("" if args.data else " On synthetic images the accuracy is chance (10 %): real-data accuracy is "
+                 "a cluster run's."), "", *ray_table(groups["ray"]), ""]
     if groups["more"]:
         lines += ["## 4. Other precisions", "", *training_table(groups["more"]), ""]
     return "\n".join(lines) + "\n"

@@ -141,13 +141,14 @@ def measure_sharing(spec: dict) -> None:
     raise RuntimeError("training ended before the timing window closed: raise train_images")
 
 
-def ray_data_root(spec: dict, scratch: Path) -> tuple[str, list[str]]:
-    """The data root of a Ray step and the --set lines that point a run at it: the real images if given, else
-    synthetic ones written to `scratch` (decoded-array cache there too, not in the user's cache)."""
+def ray_data_sets(spec: dict, scratch: Path) -> list[str]:
+    """The --set lines that point a Ray step at its data: the real images if given, else synthetic ones written to
+    `scratch` (their decoded-array cache there too, not in the user's cache); subsets of spec's sizes."""
+    sizes = [f"data.train_subset={spec['train_images']}", f"data.test_subset={spec['eval_images']}"]
     if spec.get("data"):
-        return spec["data"], [f"data.root={spec['data']}"]
+        return [f"data.root={spec['data']}", *sizes]
     root = write_cifar_batches(scratch / "data", synthetic_cifar(spec["train_images"], spec["eval_images"], SEED_DATA))
-    return str(root), [f"data.root={root}", f"data.cache_dir={scratch / 'cache'}"]
+    return [f"data.root={root}", f"data.cache_dir={scratch / 'cache'}", *sizes]
 
 
 def measure_ray_run(spec: dict) -> None:
@@ -156,11 +157,9 @@ def measure_ray_run(spec: dict) -> None:
     from ray_resnet.raytrain.driver import run_training
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-ray-") as scratch:
-        _, data_sets = ray_data_root(spec, Path(scratch))
         epochs = spec["epochs"]
         milestones = sorted({m for m in (epochs // 2, epochs * 3 // 4) if m >= 1})  # the recipe's 100/150 of 200
-        cfg = load_config(None, [*data_sets, f"data.train_subset={spec['train_images']}",
-                                 f"data.test_subset={spec['eval_images']}", f"schedule.epochs={epochs}",
+        cfg = load_config(None, [*ray_data_sets(spec, Path(scratch)), f"schedule.epochs={epochs}",
                                  "schedule.warmup_epochs=1", f"schedule.milestones={milestones}", "run.name=short",
                                  f"run.storage={scratch}/runs"])
         start = time.perf_counter()
@@ -179,7 +178,6 @@ def measure_ray_sweep(spec: dict) -> None:
 
     trials, use_gpu = spec["trials"], torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="gpu-check-sweep-") as scratch:
-        _, data_sets = ray_data_root(spec, Path(scratch))
         file = Path(scratch) / "sweep.yaml"
         file.write_text(f"""config:
   schedule: {{epochs: {spec['epochs']}, warmup_epochs: 0, milestones: []}}
@@ -188,8 +186,7 @@ grid:
   seed: {list(range(trials))}
 resources: {{workers_per_trial: 1, {f"gpus_per_worker: {1 / trials}" if use_gpu else "cpus_per_worker: 1"}}}
 """)
-        sweep = load_sweep(file, sets=[*data_sets, f"data.train_subset={spec['train_images']}",
-                                       f"data.test_subset={spec['eval_images']}"], storage=f"{scratch}/runs")
+        sweep = load_sweep(file, sets=ray_data_sets(spec, Path(scratch)), storage=f"{scratch}/runs")
         outcome = run_sweep(sweep)
         rates = []
         for trial in trial_dirs(sweep.dir):

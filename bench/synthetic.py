@@ -18,7 +18,8 @@ from ray_resnet.constants import NUM_CLASSES
 IMAGE_SHAPE = (3, 32, 32)
 
 
-def synthetic_cifar(train: int, test: int, seed: int = 0, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def synthetic_cifar(train: int, test: int, seed: int = 0,
+                    device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """{train,test}_{images,labels} as load_cifar gives them (uint8 [N,3,32,32], int64 [N]), made on `device`:
     the same numbers on every run with the same seed and device type."""
     generator = torch.Generator(device=device).manual_seed(seed)

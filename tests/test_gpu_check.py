@@ -13,7 +13,8 @@ def run_check(tmp_path: Path, *flags: str) -> str:
     """The check's report after a run with `flags`, where `import ray` and `import mlflow` fail."""
     hide = tmp_path / "hide"
     hide.mkdir(exist_ok=True)
-    (hide / "sitecustomize.py").write_text('import sys\n\nfor name in ("ray", "mlflow"):\n    sys.modules[name] = None\n')
+    (hide / "sitecustomize.py").write_text("import sys\n\nfor name in ('ray', 'mlflow'):\n"
+                                           "    sys.modules[name] = None  # import fails, as on the GPU machine\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hide), str(REPO)]), "CUDA_VISIBLE_DEVICES": ""}
     output = tmp_path / "out" / "gpu_check.md"
     done = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--output", str(output), "--steps", "3",
