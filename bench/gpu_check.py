@@ -55,6 +55,10 @@ class Measurement:
     status: str = NOT_YET
     results: list[dict] = dataclasses.field(default_factory=list)  # per process: its results merged
 
+    @property
+    def title(self) -> str:
+        return " ".join(self.label.values()) + (" processes at once" if self.group == "share" else "")
+
 
 def training_row(args: argparse.Namespace, model: str, precision: str, mode: str, cuda: bool) -> Measurement:
     spec = {"kind": "train", "model": model, "precision": precision, "mode": MODE_NAMES[mode], "data": args.data,
@@ -106,8 +110,9 @@ def build_plan(args: argparse.Namespace, cuda: bool, has_ray: bool) -> list[Meas
 
 def start_process(spec: dict, output: Path) -> subprocess.Popen:
     """`python -m bench.gpu_measure spec` in a session of its own (so a kill reaches everything it started)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 1)),  # Ray sets it to a worker's CPUs
-           "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
+    if "threads" in spec:  # a process standing for a Ray worker (Ray steps leave it to Ray)
+        env["OMP_NUM_THREADS"] = str(spec["threads"])  # Ray sets it to a worker's CPUs
     with open(output, "w") as sink:
         return subprocess.Popen([sys.executable, "-m", "bench.gpu_measure", json.dumps(spec)], cwd=REPO, env=env,
                                 stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
@@ -174,7 +179,7 @@ def run(row: Measurement, limit_s: float, budget_cut: bool, log: Path) -> None:
     else:
         row.status = f"ok ({wall:.0f} s)"
     with open(log, "a") as f:
-        f.write(f"\n## {' '.join(row.label.values())}: {row.status}\n")
+        f.write(f"\n## {row.title}: {row.status}\n")
         for i, (_, _, lines) in enumerate(outputs):
             f.write(f"--- process {i}, last {LOG_LINES} lines\n" + "\n".join(lines[-LOG_LINES:]) + "\n")
 
@@ -330,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         if left < MIN_START_S:
             row.status = f"not run: over the {args.budget_s:.0f} s budget"
             continue
-        print(f"[gpu_check {time.perf_counter() - start:4.0f}s] {' '.join(row.label.values())}", flush=True)
+        print(f"[gpu_check {time.perf_counter() - start:4.0f}s] {row.title}", flush=True)
         run(row, min(args.limit_s, left), left < args.limit_s, log)
         print(f"[gpu_check {time.perf_counter() - start:4.0f}s]   {row.status}", flush=True)
         write(args.output, render(args, host, plan, time.perf_counter() - start, False))
