@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check (bench/gpu_check.py): one command, at most about 8 minutes on one GPU, writes bench/GPU_RESULTS.md.
+# The GPU check (bench/gpu_check.py, bench/README.md): about 8 minutes on one GPU; the report goes to --output.
+#   bash bench/gpu_check.sh --output "$OUT/gpu_check.md"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=.venv/bin/python
 [ -x "$python" ] || python=python3
-exec "$python" -m bench.gpu_check "$@"
+PYTHONUNBUFFERED=1 exec "$python" -m bench.gpu_check "$@"

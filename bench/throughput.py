@@ -280,8 +280,9 @@ def run_child(path: str, args: argparse.Namespace) -> dict:
 
 
 def machine() -> dict:
-    import ray
     import torchvision
+
+    from ray_resnet.io.environment import package_version
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -291,7 +292,7 @@ def machine() -> dict:
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
             "load_average": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
             "versions": f"Python {platform.python_version()}, torch {torch.__version__}, "
-                        f"torchvision {torchvision.__version__}, ray {ray.__version__}"}
+                        f"torchvision {torchvision.__version__}, ray {package_version('ray') or 'not installed'}"}
 
 
 def _median(runs: list[dict], key: str) -> float:
