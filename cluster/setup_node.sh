@@ -28,7 +28,12 @@ check_driver() {
         return 0
     fi
     local driver
-    driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -n 1)
+    driver=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1) || true
+    if [[ ! $driver =~ ^[0-9]+\. ]]; then
+        echo "setup_node: nvidia-smi cannot reach an NVIDIA driver (${driver:-no output}): the image's driver is" \
+             "not loaded or does not match its kernel; use an image with driver >= $MIN_DRIVER (cluster/README.md)" >&2
+        exit 1
+    fi
     if (( ${driver%%.*} < MIN_DRIVER )); then
         echo "setup_node: NVIDIA driver $driver is older than $MIN_DRIVER, which torch $TORCH needs:" \
              "use an image with driver >= $MIN_DRIVER (cluster/README.md)" >&2

@@ -114,7 +114,7 @@ def _fake_node(tmp_path: Path, driver: str | None, python: str) -> tuple[dict, P
     (venv_bin / "python").write_text(f'#!/bin/sh\nexec {python} "$@"\n')
     (venv_bin / "pip").write_text(f'#!/bin/sh\necho "$@" >> {record}\n')
     if driver:
-        (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\necho {driver}\n")
+        (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\necho \"{driver}\"\n")
     for script in [*bin_dir.iterdir(), *venv_bin.iterdir()]:
         script.chmod(0o755)
     env = {"HOME": str(tmp_path), "PATH": f"{bin_dir}:/usr/bin:/bin", "RAY_RESNET_VENV": str(tmp_path / "venv"),
@@ -129,6 +129,7 @@ def _setup(env: dict, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("driver, gpu_flag, message", [
     ("570.172.08", "", "NVIDIA driver 570.172.08 is older than 580, which torch 2.14.1+cu130 needs"),
     (None, "--gpu", "no nvidia-smi on this GPU node"),
+    ("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver", "", "cannot reach an NVIDIA"),
 ])
 def test_node_setup_refuses_a_driver_too_old_for_torch_before_installing(tmp_path, driver, gpu_flag, message):
     env, pip_calls = _fake_node(tmp_path, driver, sys.executable)
