@@ -40,6 +40,15 @@ def pytest_runtest_setup(item):
         pytest.skip("needs a CUDA GPU (marked gpu)")
 
 
+@pytest.fixture
+def torch_sees_no_gpu(monkeypatch):
+    """Code that picks CUDA where torch sees a GPU (`ray-resnet eval`) runs on the CPU, as the CPU results it is
+    compared with did, also on a machine with a GPU (whose TF32 convolutions round otherwise)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
