@@ -22,7 +22,7 @@ REPO=${RAY_RESNET_REPO:-$HOME/ray-resnet}
 check_driver() {
     if ! command -v nvidia-smi >/dev/null; then
         if [[ ${1:-} == --gpu ]]; then
-            echo "setup_node: no nvidia-smi on this GPU node: the image has no NVIDIA driver (see cluster/README.md)" >&2
+            echo "setup_node: no nvidia-smi on this GPU node: the image has no NVIDIA driver (cluster/README.md)" >&2
             exit 1
         fi
         return 0
