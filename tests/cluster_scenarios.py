@@ -113,7 +113,7 @@ def _elastic(cluster: Cluster, worker, root: str, storage: str) -> dict:
     while fit.is_alive() and not [w for t, w, _ in _group_starts(groups) if t > lost_at and w == 1]:
         time.sleep(0.2)
     added_at = time.time()
-    cluster.add_node(num_cpus=2, object_store_memory=OBJECT_STORE)
+    cluster.add_node(num_cpus=2, num_gpus=0, object_store_memory=OBJECT_STORE)
     fit.join(timeout=400)
     # The same run without a resize, for the epochs the test compares (the ones before and at the shrink).
     undisturbed = _catch(run_training, _config(root, storage, "undisturbed", 4, *ELASTIC), None, None, None,
@@ -158,9 +158,10 @@ def single_process_test_acc(cfg, checkpoint: str) -> float:
 def main(scenario: str, root: str, storage: str) -> dict:
     from ray_resnet.raytrain.driver import run_training
 
-    head = {"num_cpus": 2, "object_store_memory": OBJECT_STORE, "include_dashboard": False}  # 8265 may be taken
+    # num_gpus=0: CPU nodes also on a machine with a GPU; no dashboard: 8265 may be taken
+    head = {"num_cpus": 2, "num_gpus": 0, "object_store_memory": OBJECT_STORE, "include_dashboard": False}
     cluster = Cluster(initialize_head=True, head_node_args=head)
-    worker = cluster.add_node(num_cpus=2, object_store_memory=OBJECT_STORE)
+    worker = cluster.add_node(num_cpus=2, num_gpus=0, object_store_memory=OBJECT_STORE)
     try:
         ray.init(address=cluster.address)
         cluster.wait_for_nodes()

@@ -32,13 +32,33 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.ray)
 
 
+def pytest_runtest_setup(item):
+    """Tests marked `gpu` need a CUDA GPU in this process; elsewhere they are skipped, not failed."""
+    import torch
+
+    if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (marked gpu)")
+
+
+@pytest.fixture
+def torch_sees_no_gpu(monkeypatch):
+    """Code that picks CUDA where torch sees a GPU (`ray-resnet eval`) runs on the CPU, as the CPU results it is
+    compared with did, also on a machine with a GPU (whose TF32 convolutions round otherwise)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
 
     # With its dashboard, as `ray-resnet` starts Ray: Ray Train's placement-group cleaner asks the dashboard's State
     # API whether a controller died, and without it never frees the CPUs of a trial Tune stopped.
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    # num_gpus=0: the tests mean CPU workers; on a machine with a GPU Ray would detect it, and `run.device: auto`
+    # would then train on CUDA. Tests that need a GPU are marked `gpu` and start their own Ray.
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=True, dashboard_host="127.0.0.1",
+             log_to_driver=True)
     yield
     ray.shutdown()
 

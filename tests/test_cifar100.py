@@ -26,6 +26,7 @@ def test_cifar100_configs_select_depth_and_100_classes(depth):
     assert build_model(cfg.model, NUM_CLASSES[cfg.data.dataset]).linear.out_features == 100
 
 
+@pytest.mark.usefixtures("torch_sees_no_gpu")  # compared with CPU results
 def test_cifar100_trains_through_ray_and_evaluates_from_either_layout(ray_local, cache_dir, tmp_path, capsys):
     train, test = random_cifar(200, 100, seed=1), random_cifar(100, 100, seed=2)  # 2 / 1 images per class
     write_torchvision_cifar(tmp_path / "pickles", *train, *test, dataset="cifar100")

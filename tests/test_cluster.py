@@ -46,8 +46,10 @@ def test_cluster_yaml_passes_rays_validation_and_is_safe(path):
     cfg = _validated(path)
     text = path.read_text()
     assert cfg["file_mounts"]["~/ray-resnet"] == "." and ".gitignore" in cfg["rsync_filter"]
-    setup = " ".join(cfg["setup_commands"])
-    assert "pip install -e ~/ray-resnet" in setup  # the package on every node
+    # The package on every node: setup_node.sh installs it (tests/test_gpu_cluster.py runs the script).
+    assert all(any(c.startswith("bash ~/ray-resnet/cluster/setup_node.sh") for c in cfg[key])
+               for key in ("head_setup_commands", "worker_setup_commands"))
+    setup = " ".join(cfg["head_setup_commands"] + cfg["worker_setup_commands"])  # setup_commands included
     nodes = [t["node_config"] for t in cfg["available_node_types"].values()]
     if cfg["provider"]["type"] == "aws":  # run dirs in S3: every node may use the bucket (a marked placeholder)
         assert all("<RAY_RESNET_BUCKET_PROFILE>" in n["IamInstanceProfile"]["Arn"] for n in nodes)
@@ -124,7 +126,8 @@ def test_ray_job_submit_trains_on_a_real_head(real_cifar_small, tmp_path):
          f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
          f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
          f"--node-manager-port={node_manager}", f"--object-manager-port={objects}",  # none of Ray's defaults:
-         f"--temp-dir={temp_dir}", "--num-cpus=2", "--disable-usage-stats"],           # others' Rays hold them
+         f"--temp-dir={temp_dir}", "--num-cpus=2", "--num-gpus=0",                      # others' Rays hold them;
+         "--disable-usage-stats"],                                                        # CPU on a GPU machine too
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
@@ -234,10 +237,52 @@ def test_the_runtime_env_shares_settings_and_endpoints_but_never_secrets(monkeyp
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.internal:9000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-ship")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ens5")
+    monkeypatch.setenv("TORCH_NCCL_BLOCKING_WAIT", "1")
+    monkeypatch.setenv("CUDA_LAUNCH_BLOCKING", "1")
     shared = shared_environment()["env_vars"]
     assert shared["AWS_ENDPOINT_URL"] == "http://minio.internal:9000" and shared["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0"
     assert "AWS_SECRET_ACCESS_KEY" not in shared and "AWS_ACCESS_KEY_ID" not in shared
+    assert shared["NCCL_SOCKET_IFNAME"] == "ens5" and shared["TORCH_NCCL_BLOCKING_WAIT"] == "1"
+    assert not [k for k in shared if k.startswith("CUDA_")]  # Ray sets each worker's CUDA_VISIBLE_DEVICES
     # In a submitted job, keys its own runtime env sets are left to it (Ray refuses a key set twice).
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
         {"runtime_env": {"env_vars": {"AWS_ENDPOINT_URL": "http://other:9000"}}}))
     assert "AWS_ENDPOINT_URL" not in shared_environment()["env_vars"]
+
+
+# A driver joins a Ray cluster that was started before NCCL_* was set (as `ray start` on a cluster's nodes), so
+# its workers cannot have inherited it: only the runtime env brings it.
+NCCL_ENV_RUN = """
+import json, os, sys
+import ray.train
+from ray.cluster_utils import Cluster
+from ray.train.torch import TorchTrainer
+from ray_resnet.raytrain.cluster import connect, ray_settings
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
+os.environ.update(NCCL_SOCKET_IFNAME="lo", NCCL_DEBUG="WARN", TORCH_NCCL_BLOCKING_WAIT="1", CUDA_LAUNCH_BLOCKING="1")
+try:
+    with ray_settings():
+        connect(cluster.address)
+        loop = lambda _: {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_NCCL_", "CUDA_L"))}
+        result = TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=1),
+                              run_config=ray.train.RunConfig(name="env", storage_path=sys.argv[1])).fit()
+    print("WORKER_ENV " + json.dumps(result.return_value))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_nccl_settings_where_a_run_starts_reach_its_train_workers(tmp_path):
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith(("NCCL_", "CUDA_L"))},
+           "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", NCCL_ENV_RUN, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("WORKER_ENV ")]
+    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
+    worker_env = json.loads(lines[-1].removeprefix("WORKER_ENV "))
+    assert {k: worker_env.get(k) for k in ("NCCL_SOCKET_IFNAME", "NCCL_DEBUG", "TORCH_NCCL_BLOCKING_WAIT")} == {
+        "NCCL_SOCKET_IFNAME": "lo", "NCCL_DEBUG": "WARN", "TORCH_NCCL_BLOCKING_WAIT": "1"}
+    assert "CUDA_LAUNCH_BLOCKING" not in worker_env  # CUDA_* is not forwarded

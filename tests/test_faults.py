@@ -68,6 +68,7 @@ class TrainProcess:
                  storage: str | None = None, env: dict | None = None, args: tuple[str, ...] = ()):
         self.log_path = tmp_path / f"{name}-{attempt}.log"
         env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
+        env["CUDA_VISIBLE_DEVICES"] = ""  # its embedded Ray and torch see no GPU: a CPU run on any machine
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         sets = [a for s in [*TINY, f"schedule.epochs={epochs}", f"run.max_failures={max_failures}"] for a in ("--set", s)]
         self.start = time.perf_counter()

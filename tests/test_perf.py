@@ -138,7 +138,7 @@ def test_batched_crop_offsets_and_flips_are_uniform_per_sample():
         assert counts.sum() == n and chi2 < 30, counts  # chi2 with <= 8 dof: p < 1e-3 above ~27
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs only exist with a CUDA device")
+@pytest.mark.gpu  # host syncs only exist with a CUDA device
 def test_training_steps_do_not_sync_the_host_on_cuda():
     """The syncs of an epoch are those of its end-of-epoch metrics: as many for 6 steps as for 1."""
     images, labels = _tiny_data(96)

@@ -152,6 +152,7 @@ def _eval_json(capsys, *args):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.mark.usefixtures("torch_sees_no_gpu")  # compared with CPU results
 def test_checkpoint_exports_and_weights_files_evaluate_the_same(finished_run, real_cifar_small, tmp_path, capsys):
     reference = _eval_json(capsys, "--checkpoint", str(finished_run))
     accuracies = {"eval --checkpoint": reference["acc"]}

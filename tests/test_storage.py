@@ -37,6 +37,7 @@ def _sets(*extra: str) -> list[str]:
 def ray_resnet(s3, cwd: Path, *argv: str, timeout: float = 400) -> subprocess.CompletedProcess:
     """`ray-resnet ...` in a fresh process (its own embedded Ray) with the S3 settings in its environment."""
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **s3.env}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # its embedded Ray and torch see no GPU: a CPU run on any machine
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-m", "ray_resnet", *argv], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)

@@ -404,7 +404,7 @@ def test_an_asha_sweep_on_a_ray_without_its_dashboard_is_refused_before_any_tria
         "scheduler": {"asha": {"grace_period": 1}}, "resources": {"cpus_per_worker": 1}})
     sweep = ["sweep", "-c", str(file), "--storage", str(tmp_path / "sweeps")]
     script = ("import sys, ray\nfrom ray_resnet.apps import cli\n"
-              "ray.init(address='local', num_cpus=2, include_dashboard=False)\n"
+              "ray.init(address='local', num_cpus=2, num_gpus=0, include_dashboard=False)\n"
               f"sys.exit(cli.main({sweep!r}))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]

@@ -114,6 +114,7 @@ def test_split(tmp_path, cache_dir):
     return tmp_path / "data", images, labels
 
 
+@pytest.mark.usefixtures("torch_sees_no_gpu")  # compared with CPU results
 def test_eval_weights_prints_accuracy_loss_and_speed_for_every_format(tmp_path, test_split, capsys):
     root, images, labels = test_split
     model = trained_like()

@@ -32,6 +32,13 @@ RAY_SETTINGS = {
 }
 
 
+# Environment variables passed on by name prefix: how NCCL (NCCL_SOCKET_IFNAME, NCCL_DEBUG, NCCL_IB_DISABLE, ...) and
+# torch's NCCL process group (TORCH_NCCL_BLOCKING_WAIT, ...) behave. Set where the run starts, they reach every
+# worker, on any node. CUDA_* stays out: Ray gives each worker its own CUDA_VISIBLE_DEVICES (a driver's, on a
+# CPU-only head, would hide the workers' GPUs), and the rest are per-node settings.
+FORWARDED_PREFIXES = ("NCCL_", "TORCH_NCCL_")
+
+
 class WorkerResources(NamedTuple):
     use_gpu: bool
     bundle: dict[str, float]  # Ray resources per worker
@@ -58,13 +65,14 @@ def connect(address: str | None) -> None:
 
 
 def shared_environment() -> dict:
-    """The runtime env every Ray process of the run gets, on any node: RAY_SETTINGS and where the
-    object store is (AWS_ENDPOINT_URL, ...). Never credentials: each node has its own (an instance role, or the
-    environment its `ray start` ran in). Keys a submitted job's own runtime env sets are left to it (Ray refuses
-    two values for one key)."""
+    """The runtime env every Ray process of the run gets, on any node: RAY_SETTINGS, where the object store is
+    (AWS_ENDPOINT_URL, ...) and the NCCL settings (FORWARDED_PREFIXES). Never credentials: each node has its own
+    (an instance role, or the environment its `ray start` ran in). Keys a submitted job's own runtime env sets are
+    left to it (Ray refuses two values for one key)."""
     job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
     taken = job.get("env_vars") or {}
-    shared = {k: os.environ[k] for k in (*RAY_SETTINGS, *storage.ENDPOINT_ENV) if k in os.environ and k not in taken}
+    names = [*RAY_SETTINGS, *storage.ENDPOINT_ENV, *(k for k in os.environ if k.startswith(FORWARDED_PREFIXES))]
+    shared = {k: os.environ[k] for k in names if k in os.environ and k not in taken}
     return {"env_vars": shared} if shared else {}
 
 

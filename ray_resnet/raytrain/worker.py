@@ -23,6 +23,7 @@ from ray_resnet.config import Config
 from ray_resnet.constants import BEST_DIR, TB_DIR
 from ray_resnet.core.checkpoint import Progress, load_checkpoint, save_checkpoint, sync_best
 from ray_resnet.core.collectives import gather_objects
+from ray_resnet.core.gpushare import cap_gpu_memory
 from ray_resnet.core.loop import Diverged, Hooks, Splits, build_training, fit, select_splits, steps_per_epoch
 from ray_resnet.core.precision import training_precision
 from ray_resnet.core.runlog import RunLog
@@ -88,6 +89,7 @@ def _train_worker(spec: WorkerSpec, peer_nodes: set[str]) -> Outcome:
     context = ray.train.get_context()  # [Ray 1] this worker's rank and device
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    cap_gpu_memory(cfg.run.gpus_per_worker, device)  # before the dataset and the model take GPU memory
     torch.set_num_threads(spec.threads)
     quiet_ray_train_logs()
     data = _worker_splits(cfg, ray.get(spec.dataset), device)  # [Ray 2] the dataset, zero-copy
