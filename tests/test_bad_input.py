@@ -127,6 +127,8 @@ CASES = {
     "elastic resize 0": (_set("run.num_workers=[1,2]", "run.resize_interval_s=0"), "resize_interval_s > 0"),
     "batchnorm typo": (_set("batchnorm=sync"), "batchnorm: expected 'global' | 'per_worker'"),
     "checkpoint_every 0": (_set("run.checkpoint_every=0"), "run.checkpoint_every: 0 is out of range"),
+    "checkpoint_every_min 0": (_set("run.checkpoint_every_min=0"),
+                               "run.checkpoint_every_min: 0.0 is out of range: it must satisfy checkpoint_every_min > 0"),
     "keep_checkpoints 0": (_set("run.keep_checkpoints=0"), "keep_checkpoints >= 1"),
     "log_every_steps 0": (_set("run.log_every_steps=0"), "log_every_steps >= 1"),
     "gpus_per_worker 0": (_set("run.gpus_per_worker=0"), "gpus_per_worker > 0"),
