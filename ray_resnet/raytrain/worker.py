@@ -169,27 +169,34 @@ class AttemptClock(Hooks):
 
 
 class ReportToRay(Hooks):
-    """Rank 0 writes the checkpoint files; every rank reports every epoch to Ray Train (a barrier)."""
+    """Rank 0 writes the checkpoint files; every rank reports every epoch to Ray Train (a barrier).
+
+    To an object store (a URI run dir) Ray uploads a checkpoint in a background thread (ASYNC) and deletes the local
+    copy once it is up: the next epoch trains meanwhile, instead of every rank waiting out the PUTs. A local run dir
+    is copied in the report itself (SYNC): a disk copy of a few MB takes milliseconds, and the temp dir is gone when
+    report returns, whatever happened."""
 
     def __init__(self, rank: int, run_dir: str, extra_metrics: dict):
         self.rank, self.best_dir, self.extra = rank, storage.join(run_dir, BEST_DIR), extra_metrics
+        self.asynchronous = storage.is_uri(run_dir)
         self.pending: str | None = None  # this epoch's checkpoint dir, until Ray has taken it
 
-    def checkpoint_due(self, state, *, latest: bool, best: bool) -> None:
+    def checkpoint_due(self, state, *, best: bool) -> None:
         if self.rank != 0:
             return
         contents = state()
-        if latest:
-            self.pending = tempfile.mkdtemp(prefix="checkpoint-")
-            save_checkpoint(contents, self.pending)
+        self.pending = tempfile.mkdtemp(prefix="checkpoint-")
+        save_checkpoint(contents, self.pending)
         if best:
             save_checkpoint(contents.best_only(), self.best_dir)
 
     def epoch_end(self, metrics: dict) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(self.pending) if self.pending else None
+        mode = ray.train.CheckpointUploadMode.ASYNC if self.asynchronous else ray.train.CheckpointUploadMode.SYNC
         try:
-            ray.train.report({**metrics, **self.extra}, checkpoint=checkpoint)  # [Ray 5] metrics + checkpoint
+            ray.train.report({**metrics, **self.extra}, checkpoint=checkpoint,  # [Ray 5] metrics + checkpoint
+                             checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=self.asynchronous)
         finally:
-            if self.pending:
+            if self.pending and not self.asynchronous:  # ASYNC: Ray deletes it after the upload, which still reads it
                 shutil.rmtree(self.pending, ignore_errors=True)
-                self.pending = None
+            self.pending = None
