@@ -36,6 +36,9 @@ from ray_resnet.raytrain.compat import quiet_ray_train_logs, wait_for_ray_to_see
 # survivor waits at most (seconds) for Ray to see the lost rank's own death first.
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
 PEER_LOST_WAIT_S = 30
+# Rank 0 records the attempt's duration in environment.json at least this often (seconds; `ray-resnet status` calls
+# a run dir written to in the last 10 minutes running).
+RECORD_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -157,15 +160,24 @@ def _record_workers(run_dir: str, attempt: int, workers: list[dict], resumed_epo
 
 
 class AttemptClock(Hooks):
-    """Rank 0 records the attempt's duration after every epoch, so an attempt whose driver is killed still counts
-    (up to its last epoch) in the run's wall time. Wall-clock seconds since the driver started the attempt (the
-    driver may be on another node: their clocks' skew is the error)."""
+    """Rank 0 records the attempt's duration after every checkpointed epoch and at least every RECORD_EVERY_S (at
+    an epoch's end), so an attempt whose driver is killed still counts (up to then) in the run's wall time.
+    Wall-clock seconds since the driver started the attempt (the driver may be on another node: their clocks' skew
+    is the error). Not after every epoch: environment.json is read and written whole, two requests to a bucket."""
 
     def __init__(self, run_dir: str, attempt: int, started: float):
         self.run_dir, self.attempt, self.started = run_dir, attempt, started
+        self.recorded = time.time()
+        self.checkpointed = False
+
+    def checkpoint_due(self, state, *, best: bool) -> None:
+        self.checkpointed = True
 
     def epoch_end(self, metrics: dict) -> None:
-        record_duration(self.run_dir, self.attempt, time.time() - self.started)
+        now = time.time()
+        if self.checkpointed or now - self.recorded >= RECORD_EVERY_S:
+            record_duration(self.run_dir, self.attempt, now - self.started)
+            self.recorded, self.checkpointed = now, False
 
 
 class ReportToRay(Hooks):
