@@ -129,7 +129,12 @@ class RunConfig:
     # An elastic run checks this often (seconds) whether the cluster has room for more workers; growing restarts
     # the workers from the latest checkpoint.
     resize_interval_s: float = setting(60.0, "x > 0")
-    checkpoint_every: int = setting(1, "x >= 1")  # epochs
+    # A latest checkpoint is due every `checkpoint_every` epochs or `checkpoint_every_min` minutes since the previous
+    # one (rank 0's clock), whichever comes first, and after the last epoch; neither set: every epoch. A killed run
+    # trains again what it trained since its latest checkpoint: with minutes, up to that long (plus an epoch).
+    # Short GPU epochs (1-2 s): minutes, e.g. 1, spare the per-epoch save and upload (docs/performance.md).
+    checkpoint_every: int | None = setting(None, "x >= 1")  # epochs
+    checkpoint_every_min: float | None = setting(None, "x > 0")  # minutes
     # Rank 0 logs the training loss and lr to TensorBoard every N optimizer steps (tb/steps). 50 steps take about
     # 15 s on 2 CPU cores at batch 128, so a CPU run shows its first points within a minute; on a GPU (~50x
     # faster) it costs one host sync per 50 steps.

@@ -143,6 +143,8 @@ CASES = {
     "cuda graphs, 2 workers": (_set("perf.cuda_graphs=true", "run.num_workers=2"),
                                "perf.cuda_graphs=true with run.num_workers=2: .* set perf.cuda_graphs=false"),
     "checkpoint_every 0": (_set("run.checkpoint_every=0"), "run.checkpoint_every: 0 is out of range"),
+    "checkpoint_every_min 0": (_set("run.checkpoint_every_min=0"),
+                               "run.checkpoint_every_min: 0.0 is out of range: it must satisfy checkpoint_every_min > 0"),
     "keep_checkpoints 0": (_set("run.keep_checkpoints=0"), "keep_checkpoints >= 1"),
     "log_every_steps 0": (_set("run.log_every_steps=0"), "log_every_steps >= 1"),
     "gpus_per_worker 0": (_set("run.gpus_per_worker=0"), "gpus_per_worker > 0"),

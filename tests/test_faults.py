@@ -284,7 +284,7 @@ class _PoisonAfterFirstEpoch(Hooks):
     """Blows the weights up once epoch 1 is checkpointed (hooks run after the run's own), as a too-high learning rate
     would: epoch 2's loss overflows."""
 
-    def checkpoint_due(self, state, *, latest, best):
+    def checkpoint_due(self, state, *, best):
         weights = state().model  # the live tensors of the model
         if state().epoch == 1:
             for value in weights.values():

@@ -37,10 +37,10 @@ class Recorder(Hooks):
     def step_end(self, step, images, loss, lr):
         self.events.append(("step", step, images))
 
-    def checkpoint_due(self, state, *, latest, best):
+    def checkpoint_due(self, state, *, best):
         contents = state()
         self.states[contents.epoch] = contents
-        self.events.append(("checkpoint", contents.epoch, latest, best))
+        self.events.append(("checkpoint", contents.epoch, best))
 
     def epoch_end(self, metrics):
         self.events.append(("epoch", metrics["epoch"]))
@@ -54,9 +54,8 @@ def test_fit_calls_its_hooks_in_order_with_the_run_state():
     assert fit(cfg, _training(cfg, data), data, hooks=[hook]) is None
     steps = [e for e in hook.events if e[0] == "step"]
     assert steps == [("step", s, 32) for s in range(1, 7)]  # 64 images in batches of 32: 2 steps per epoch
-    checkpoints = [e for e in hook.events if e[0] == "checkpoint"]
-    assert [e[1:3] for e in checkpoints if e[2]] == [(2, True), (3, True)]  # every 2 epochs, and after the last
-    assert all(e[3] for e in checkpoints if not e[2])  # the others are new bests
+    checkpoints = [e[1] for e in hook.events if e[0] == "checkpoint"]
+    assert checkpoints == [2, 3]  # every 2 epochs, and after the last
     assert hook.events[-1] == ("epoch", 3) and hook.events.index(("epoch", 1)) > hook.events.index(("step", 2, 32))
     assert {"train_loss", "test_acc", "best_test_acc", "best_epoch", "lr", "epoch_time_s"} <= set(hook.last)
     state = hook.states[3]
@@ -71,7 +70,7 @@ def test_the_first_epoch_is_the_best_so_far_even_at_zero_accuracy():
     hook = Recorder()
     fit(cfg, _training(cfg, data), data, hooks=[hook])
     assert hook.last["test_acc"] == 0
-    assert [e for e in hook.events if e[0] == "checkpoint"] == [("checkpoint", 1, True, True)]
+    assert [e for e in hook.events if e[0] == "checkpoint"] == [("checkpoint", 1, True)]
     assert hook.last["best_epoch"] == 1
 
 
@@ -191,7 +190,7 @@ def test_best_follows_validation_accuracy_and_keeps_its_test_accuracy():
     last = epochs[-1]
     assert (last["best_epoch"], last["best_val_acc"], last["best_test_acc"]) == (
         best["epoch"], best["val_acc"], best["test_acc"])
-    new_bests = [e[1] for e in hook.events if e[0] == "checkpoint" and e[3]]
+    new_bests = [e[1] for e in hook.events if e[0] == "checkpoint" and e[2]]  # checkpoints every epoch
     assert new_bests == [m["epoch"] for i, m in enumerate(epochs)
                          if m["val_acc"] > max([0.0] + [p["val_acc"] for p in epochs[:i]])]
     state = hook.states[4]

@@ -81,13 +81,44 @@ class Hooks:
         """After every optimizer step: the run's step count so far (1-based, over epochs), the global batch, this
         rank's mean loss of its share (a device tensor: reading it syncs the host) and the step's lr."""
 
-    def checkpoint_due(self, state: Callable[[], CheckpointState], *, latest: bool, best: bool) -> None:
-        """After an epoch whose state should be kept: `latest` every run.checkpoint_every epochs and after the
-        last, `best` when the validation accuracy (without a val split: the test accuracy) is the best so far.
-        `state()` builds the checkpoint's contents."""
+    def checkpoint_due(self, state: Callable[[], CheckpointState], *, best: bool) -> None:
+        """After an epoch the run checkpoints (see CheckpointSchedule; always the last); `best` when the best epoch
+        (on validation accuracy; without a val split, test accuracy) changed since the previous checkpoint, so
+        best/ always holds the best epoch of the latest checkpoint. `state()` builds the checkpoint's contents."""
 
     def epoch_end(self, metrics: dict) -> None:
         """After every epoch (after checkpoint_due): its metrics, the same on every rank."""
+
+
+class CheckpointSchedule:
+    """When fit takes a latest checkpoint: after `every_epochs` epochs or `every_s` seconds (by rank 0's `clock`)
+    since the previous one, whichever comes first, and after the run's last epoch (`last_epoch`). The attempt's
+    start counts as a checkpoint: it resumed from one. Rank 0's clock decides for every rank (a broadcast, only
+    where time counts), so all ranks write and report the same checkpoints."""
+
+    def __init__(self, every_epochs: int | None, every_s: float | None, start_epoch: int, last_epoch: int,
+                 clock: Callable[[], float] = time.monotonic):
+        self.every_epochs, self.every_s, self.last_epoch, self.clock = every_epochs, every_s, last_epoch, clock
+        self.since = (start_epoch, clock())  # (epoch, time) of the previous checkpoint
+
+    @classmethod
+    def of(cls, cfg: Config, start_epoch: int) -> CheckpointSchedule:
+        minutes = cfg.run.checkpoint_every_min
+        every = cfg.run.checkpoint_every or (None if minutes else 1)  # neither set: every epoch
+        return cls(every, minutes * 60 if minutes else None, start_epoch, cfg.schedule.epochs)
+
+    def due(self, epoch: int, device: torch.device = torch.device("cpu")) -> bool:
+        """Whether epoch `epoch` (1-based, just finished) is checkpointed; the same answer on every rank."""
+        now = self.clock()
+        due = epoch >= self.last_epoch or (self.every_epochs is not None and
+                                           epoch - self.since[0] >= self.every_epochs)
+        if self.every_s is not None and not due:
+            flag = torch.tensor([float(now - self.since[1] >= self.every_s)], device=device)
+            broadcast_from_first_rank([flag])
+            due = bool(flag.item())
+        if due:
+            self.since = (epoch, now)
+        return due
 
 
 @dataclass
@@ -169,6 +200,8 @@ def fit(cfg: Config, training: Training, data: Splits, *, rank: int = 0, world: 
     """
     progress = progress or Progress()
     config, select = to_dict(cfg), selection_metric(cfg)
+    schedule, best_saved = CheckpointSchedule.of(cfg, progress.epoch), progress.best_epoch  # best/ agrees on resume
+    device = next(training.core.parameters()).device  # where a collective's tensor lives (NCCL: the GPU)
     for epoch in range(progress.epoch, cfg.schedule.epochs):
         metrics = run_epoch(cfg, training, data, epoch, rank, world, hooks)
         if not math.isfinite(metrics["train_loss"]):
@@ -181,13 +214,13 @@ def fit(cfg: Config, training: Training, data: Splits, *, rank: int = 0, world: 
         # best_test_acc: the test accuracy of best/'s epoch (the highest one when best/ is selected on the test set)
         metrics.update(best_epoch=progress.best_epoch, best_test_acc=progress.best_test_acc,
                        **({"best_val_acc": progress.best_val_acc} if select == "val_acc" else {}))
-        latest = progress.epoch % cfg.run.checkpoint_every == 0 or progress.epoch == cfg.schedule.epochs
-        if latest or is_best:
+        if schedule.due(progress.epoch, device):
             def state() -> CheckpointState:  # built only where a hook saves it
                 return CheckpointState.of_training(training, progress, config, metrics, data.pixel_mean)
 
             for hook in hooks:
-                hook.checkpoint_due(state, latest=latest, best=is_best)
+                hook.checkpoint_due(state, best=progress.best_epoch != best_saved)
+            best_saved = progress.best_epoch
         for hook in hooks:
             hook.epoch_end(metrics)
     return None

@@ -5,9 +5,11 @@ an HParams entry (the run's model, depth, seed, lr, ... against its final and be
 the same tags back. Per optimizer step: every `run.log_every_steps` steps the training loss (mean over those steps)
 and the lr under `constants.STEP_TAGS`, with the run's step count as step, in tb/steps (a TensorBoard run of its
 own, see RunLog); and during long epochs a progress line (steps done, images/s, the epoch's ETA) every few seconds.
-When the run dir is a URI, the events are written to a local directory and mirrored to <run dir>/tb after every
-epoch, every minute or so during one, and at the end, so a run killed mid-epoch has every finished epoch's
-events in storage.
+When the run dir is a URI, the events are written to a local directory and mirrored to <run dir>/tb (the files
+that grew since the previous mirror): after every checkpointed epoch, before its checkpoint is reported, so every
+epoch a resume will not train again has its events in storage; else at most every MIRROR_EVERY_S (checked at
+every logged step and epoch end); and at the end. A killed run may lose the events of epochs after its latest
+checkpoint, which the resumed attempt trains and logs again.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ from ray_resnet.io.tracking import MetricLog
 # A terminal gets one every few seconds; a file or a Ray job log, whose lines stay forever, one a minute.
 PROGRESS_EVERY_S = {"terminal": 5.0, "file": 60.0}
 FIRST_PROGRESS_S = 30.0  # the attempt's first line comes at most this long after its first step
-MIRROR_EVERY_S = 60.0  # URI run dirs: step events reach storage at most this long after they were logged
+# URI run dirs: events reach storage at most this long (seconds) after they were logged, plus a step interval or
+# an epoch. Each mirror is a PUT per grown file (2 or 3): after every 1-2 s GPU epoch that would add up.
+MIRROR_EVERY_S = 60.0
 
 
 def progress_every_s(is_terminal: bool) -> float:
@@ -96,10 +100,10 @@ class RunLog(Hooks):
     """
 
     def __init__(self, tb_dir: str, cfg: Config, start_epoch: int, steps_per_epoch: int, progress_every_s: float,
-                 mlflow: MetricLog | None = None):
+                 mlflow: MetricLog | None = None, clock: Callable[[], float] = time.monotonic):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.cfg, self.tb_dir, self.mlflow = cfg, tb_dir, mlflow
+        self.cfg, self.tb_dir, self.mlflow, self.clock = cfg, tb_dir, mlflow, clock
         self.checkpointed = False  # whether this epoch wrote the checkpoint a resumed attempt would start from
         self.last: dict | None = None  # the latest epoch's metrics
         self.local = tempfile.mkdtemp(prefix="tb-") if storage.is_uri(tb_dir) else tb_dir
@@ -111,7 +115,8 @@ class RunLog(Hooks):
         self.loss_sum: torch.Tensor | None = None  # on the device: summed without a host sync
         self.loss_steps = 0
         self.logged_loss: float | None = None  # the latest step-logged value
-        self.mirrored = time.monotonic()
+        self.mirrored = clock()  # when the mirror was last brought up to date
+        self.uploaded: dict[str, int] = {}  # mirrored file (relative path) -> its size then (bytes)
 
     def step_end(self, step: int, images: int, loss: torch.Tensor, lr: float) -> None:
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
@@ -130,11 +135,11 @@ class RunLog(Hooks):
         if self.mlflow:
             self.mlflow.add({STEP_TAGS["train_loss"]: self.logged_loss, STEP_TAGS["lr"]: lr}, step)
         self.step_writer.flush()  # on disk at once (a writer's own flush comes every 2 min): TensorBoard shows it
-        if self.local != self.tb_dir and time.monotonic() - self.mirrored >= MIRROR_EVERY_S:
+        if self.local != self.tb_dir and self.clock() - self.mirrored >= MIRROR_EVERY_S:
             self._mirror()
 
-    def checkpoint_due(self, state, *, latest: bool, best: bool) -> None:
-        self.checkpointed = latest
+    def checkpoint_due(self, state, *, best: bool) -> None:
+        self.checkpointed = True
 
     def epoch_end(self, metrics: dict) -> None:
         scalars = {tag: metrics[key] for key, tag in TB_TAGS.items() if key in metrics}  # val/* only with a val split
@@ -145,16 +150,22 @@ class RunLog(Hooks):
             self.mlflow.add(scalars, metrics["epoch"])
             if self.checkpointed:  # an attempt that dies from here on resumes after this epoch: no point twice
                 self.mlflow.commit()
-        self.checkpointed = False
-        if self.local != self.tb_dir:
+        if self.local != self.tb_dir and (self.checkpointed or self.clock() - self.mirrored >= MIRROR_EVERY_S):
             self._mirror()
+        self.checkpointed = False
         print(epoch_line(metrics, self.cfg.schedule.epochs), flush=True)
         self.progress.epoch_done()
         self.last = metrics
 
     def _mirror(self) -> None:
-        storage.upload_dir(self.local, self.tb_dir)
-        self.mirrored = time.monotonic()
+        """Upload the event files that grew since the previous mirror (a writer only appends to its file)."""
+        for path, size in storage.file_sizes(self.local).items():
+            if self.uploaded.get(path) != size:
+                with open(os.path.join(self.local, path), "rb") as f:
+                    data = f.read(size)  # what was listed: bytes the writer appends meanwhile go next time
+                storage.write_atomic(storage.join(self.tb_dir, path), data)
+                self.uploaded[path] = size
+        self.mirrored = self.clock()
 
     def close(self, params: int, hparams_extra: dict | None) -> None:
         """End the attempt; with `hparams_extra` (more hyperparameters, e.g. a sweep's swept keys; {} for none),

@@ -2,11 +2,12 @@
 one recursive listing of the location and copies only what changed.
 
 Event files only grow: a SummaryWriter appends records, and a run's rank 0 uploads the longer file over the old one
-after every epoch. So a file whose size is unchanged is unchanged, and a grown file needs only its new bytes,
-appended to the local copy in place: TensorBoard, which keeps its event files open and reads on from where it
-stopped, then reads them as it reads a file its writer is appending to. (A copy written to a temp file and renamed
-would be a new file to a reader that holds the old one open, and the temp file, named like an event file, could be
-read twice.) A file that shrank was rewritten, and is copied whole; a local copy whose file is gone is deleted.
+at checkpoints and at least every minute. So a file whose size is unchanged is unchanged, and a grown file needs
+only its new bytes, appended to the local copy in place: TensorBoard, which keeps its event files open and reads
+on from where it stopped, then reads them as it reads a file its writer is appending to. (A copy written to a temp
+file and renamed would be a new file to a reader that holds the old one open, and the temp file, named like an
+event file, could be read twice.) A file that shrank was rewritten, and is copied whole; a local copy whose file
+is gone is deleted.
 """
 
 from __future__ import annotations

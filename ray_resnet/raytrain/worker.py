@@ -37,6 +37,9 @@ from ray_resnet.raytrain.compat import quiet_ray_train_logs, wait_for_ray_to_see
 # survivor waits at most (seconds) for Ray to see the lost rank's own death first.
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
 PEER_LOST_WAIT_S = 30
+# Rank 0 records the attempt's duration in environment.json at least this often (seconds; `ray-resnet status` calls
+# a run dir written to in the last 10 minutes running).
+RECORD_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -169,39 +172,55 @@ def _record_workers(run_dir: str, attempt: int, workers: list[dict], resumed_epo
 
 
 class AttemptClock(Hooks):
-    """Rank 0 records the attempt's duration after every epoch, so an attempt whose driver is killed still counts
-    (up to its last epoch) in the run's wall time. Wall-clock seconds since the driver started the attempt (the
-    driver may be on another node: their clocks' skew is the error)."""
+    """Rank 0 records the attempt's duration after every checkpointed epoch and at least every RECORD_EVERY_S (at
+    an epoch's end), so an attempt whose driver is killed still counts (up to then) in the run's wall time.
+    Wall-clock seconds since the driver started the attempt (the driver may be on another node: their clocks' skew
+    is the error). Not after every epoch: environment.json is read and written whole, two requests to a bucket."""
 
     def __init__(self, run_dir: str, attempt: int, started: float):
         self.run_dir, self.attempt, self.started = run_dir, attempt, started
+        self.recorded = time.time()
+        self.checkpointed = False
+
+    def checkpoint_due(self, state, *, best: bool) -> None:
+        self.checkpointed = True
 
     def epoch_end(self, metrics: dict) -> None:
-        record_duration(self.run_dir, self.attempt, time.time() - self.started)
+        now = time.time()
+        if self.checkpointed or now - self.recorded >= RECORD_EVERY_S:
+            record_duration(self.run_dir, self.attempt, now - self.started)
+            self.recorded, self.checkpointed = now, False
 
 
 class ReportToRay(Hooks):
-    """Rank 0 writes the checkpoint files; every rank reports every epoch to Ray Train (a barrier)."""
+    """Rank 0 writes the checkpoint files; every rank reports every epoch to Ray Train (a barrier).
+
+    To an object store (a URI run dir) Ray uploads a checkpoint in a background thread (ASYNC) and deletes the local
+    copy once it is up: the next epoch trains meanwhile, instead of every rank waiting out the PUTs. A local run dir
+    is copied in the report itself (SYNC): a disk copy of a few MB takes milliseconds, and the temp dir is gone when
+    report returns, whatever happened."""
 
     def __init__(self, rank: int, run_dir: str, extra_metrics: dict):
         self.rank, self.best_dir, self.extra = rank, storage.join(run_dir, BEST_DIR), extra_metrics
+        self.asynchronous = storage.is_uri(run_dir)
         self.pending: str | None = None  # this epoch's checkpoint dir, until Ray has taken it
 
-    def checkpoint_due(self, state, *, latest: bool, best: bool) -> None:
+    def checkpoint_due(self, state, *, best: bool) -> None:
         if self.rank != 0:
             return
         contents = state()
-        if latest:
-            self.pending = tempfile.mkdtemp(prefix="checkpoint-")
-            save_checkpoint(contents, self.pending)
+        self.pending = tempfile.mkdtemp(prefix="checkpoint-")
+        save_checkpoint(contents, self.pending)
         if best:
             save_checkpoint(contents.best_only(), self.best_dir)
 
     def epoch_end(self, metrics: dict) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(self.pending) if self.pending else None
+        mode = ray.train.CheckpointUploadMode.ASYNC if self.asynchronous else ray.train.CheckpointUploadMode.SYNC
         try:
-            ray.train.report({**metrics, **self.extra}, checkpoint=checkpoint)  # [Ray 5] metrics + checkpoint
+            ray.train.report({**metrics, **self.extra}, checkpoint=checkpoint,  # [Ray 5] metrics + checkpoint
+                             checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=self.asynchronous)
         finally:
-            if self.pending:
+            if self.pending and not self.asynchronous:  # ASYNC: Ray deletes it after the upload, which still reads it
                 shutil.rmtree(self.pending, ignore_errors=True)
-                self.pending = None
+            self.pending = None
