@@ -132,7 +132,7 @@ def _restore(checkpoint: ray.train.Checkpoint | None, training, rank: int, spec:
         except CheckpointError:
             if spec.resume_from is None:  # the driver found it intact: not damaged when the attempt began
                 raise
-            state = load_checkpoint(spec.resume_from)  # the damaged latest one, which the driver passed over
+            state = load_checkpoint(spec.resume_from)  # the newest intact one: the driver passed over the latest
     if rank == 0:
         sync_best(state, storage.join(spec.run_dir, BEST_DIR))
     if state is None:
