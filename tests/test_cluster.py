@@ -51,11 +51,19 @@ def test_cluster_yaml_passes_rays_validation_and_is_safe(path):
                for key in ("head_setup_commands", "worker_setup_commands"))
     setup = " ".join(cfg["head_setup_commands"] + cfg["worker_setup_commands"])  # setup_commands included
     nodes = [t["node_config"] for t in cfg["available_node_types"].values()]
-    if cfg["provider"]["type"] == "aws":  # run dirs in S3: every node may use the bucket (a marked placeholder)
-        assert all("<RAY_RESNET_BUCKET_PROFILE>" in n["IamInstanceProfile"]["Arn"] for n in nodes)
+    head, workers = _head_and_workers(cfg)
+    if cfg["provider"]["type"] == "aws":  # run dirs in S3: the head's profile may start workers, theirs only the bucket
+        assert "<RAY_RESNET_HEAD_PROFILE>" in head["IamInstanceProfile"]["Arn"]
+        assert all("<RAY_RESNET_WORKER_BUCKET_PROFILE>" in n["IamInstanceProfile"]["Arn"] for n in workers)
         assert "s3://<BUCKET>/runs" in text and "/mnt/shared" not in setup  # EFS only as the commented alternative
     elif cfg["provider"]["type"] == "gcp":
-        assert all("<RAY_RESNET_SA>" in n["serviceAccounts"][0]["email"] for n in nodes)
+        assert "<RAY_RESNET_HEAD_SA>" in head["serviceAccounts"][0]["email"]
+        assert all("<RAY_RESNET_WORKER_SA>" in n["serviceAccounts"][0]["email"] for n in workers)
+        # Their own network, not `default`; an external IP on the head alone, the firewall's tags on every node.
+        assert all(n["networkInterfaces"][0]["subnetwork"].endswith("/subnetworks/ray-resnet") for n in nodes)
+        assert head["networkInterfaces"][0]["accessConfigs"]
+        assert not any(n["networkInterfaces"][0].get("accessConfigs") for n in workers)
+        assert all("ray-resnet" in n["tags"]["items"] for n in nodes)
         assert "gs://<BUCKET>/runs" in text and "/mnt/shared" not in setup
     else:
         assert "/mnt/shared" in setup  # on-premise: the NFS export
@@ -70,6 +78,12 @@ def test_cluster_yaml_passes_rays_validation_and_is_safe(path):
         gpu = [t for t in cfg["available_node_types"].values() if "guestAccelerators" in t["node_config"]
                or t["node_config"].get("InstanceType", "").startswith(("g5", "g6"))]
         assert gpu and gpu[0]["min_workers"] == 0 and gpu[0]["max_workers"] >= 1  # autoscaling GPU workers
+
+
+def _head_and_workers(cfg: dict) -> tuple[dict, list[dict]]:
+    types = cfg["available_node_types"]
+    return (types[cfg["head_node_type"]]["node_config"],
+            [t["node_config"] for name, t in types.items() if name != cfg["head_node_type"]])
 
 
 def test_cluster_validation_catches_mistakes():
