@@ -48,6 +48,11 @@ class RunError(UserError, RuntimeError):
     """A run cannot start or go on as asked; the message says why and what to do."""
 
 
+class DirInUseError(UserError, RuntimeError):
+    """Another live driver holds the lease on a run dir or sweep dir; the message names it (host, pid, since when,
+    its last heartbeat) and what to do."""
+
+
 class DivergedError(RunError):
     """The training loss became NaN/inf: no restart can fix that, so the run stops (and stays stopped)."""
 
