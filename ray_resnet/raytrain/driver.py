@@ -22,7 +22,7 @@ from ray_resnet.core.datasets import load_cifar
 from ray_resnet.core.loop import Hooks, selection_metric
 from ray_resnet.core.runlog import progress_every_s
 from ray_resnet.errors import CheckpointError, CheckpointFormatError, ConfigError, RunError
-from ray_resnet.io import environment, storage, tracking
+from ray_resnet.io import environment, lease, storage, tracking
 from ray_resnet.io.rundir import (
     RunResult,
     diverged_error,
@@ -115,8 +115,17 @@ def run_training(cfg: Config, address: str | None = None, callbacks: list | None
     the command line environment.json records (default: this process's; a sweep trial passes the sweep's).
     """
     cfg = resolve_run(cfg)
-    directory = run_dir(cfg)
     storage.check_writable(cfg.run.storage)  # a bad bucket, endpoint or credentials: one line, before anything runs
+    # One driver per run dir: taken before anything there is read, held (with a heartbeat) until the run ends.
+    with lease.held(run_dir(cfg), "run dir", "wait for it to end, or pick another --name"):
+        return _train_held(cfg, address, callbacks, hparams, worker_hooks, dataset, command)
+
+
+def _train_held(cfg: Config, address: str | None, callbacks: list | None, hparams: dict | None,
+                worker_hooks: Callable[[], list[Hooks]] | None, dataset: ray.ObjectRef | None,
+                command: list[str] | None) -> RunResult:
+    """run_training's work, under the run dir's lease."""
+    directory = run_dir(cfg)
     finished = previous_result(cfg)
     if finished:
         return dataclasses.replace(finished, already_finished=True)

@@ -34,7 +34,7 @@ from ray_resnet import config as config_lib
 from ray_resnet.config import Config, flatten, merge, nest
 from ray_resnet.constants import CONFIG_FILE, SWEEP_FILE
 from ray_resnet.errors import ConfigError, DivergedError, RunError, SweepError, UserError
-from ray_resnet.io import storage, tracking
+from ray_resnet.io import lease, storage, tracking
 from ray_resnet.io.rundir import (
     SNAPSHOT_FILE,
     RunResult,
@@ -368,7 +368,7 @@ def _max_concurrent(sweep: Sweep) -> int:
 def check_resume(sweep: Sweep, resume: bool) -> None:
     saved = storage.join(sweep.dir, SWEEP_FILE)
     if not resume:
-        if storage.list_names(sweep.dir):
+        if set(storage.list_names(sweep.dir)) - {lease.LEASE_DIR}:
             raise SweepError(f"sweep dir {sweep.dir} already exists: continue it with --resume, or pass a new "
                              "--name (nothing was changed)")
         return
@@ -401,9 +401,15 @@ class SweepOutcome:
 
 def run_sweep(sweep: Sweep, resume: bool = False, address: str | None = None) -> SweepOutcome:
     """Run (or continue) the sweep; returns how its trials ended."""
+    storage.check_writable(sweep.storage)  # a bad bucket, endpoint or credentials: one line, before anything runs
+    # One driver per sweep dir (each trial also holds its own run dir's): taken before anything there is read.
+    with lease.held(sweep.dir, "sweep dir", "wait for it to end, or pass another --name"):
+        return _run_sweep_held(sweep, resume, address)
+
+
+def _run_sweep_held(sweep: Sweep, resume: bool, address: str | None) -> SweepOutcome:
     from ray_resnet.raytrain.cluster import connect, ray_settings
 
-    storage.check_writable(sweep.storage)  # a bad bucket, endpoint or credentials: one line, before anything runs
     check_resume(sweep, resume)
     arrays = _load_datasets(sweep)
     tracked = _open_tracking(sweep)  # before Ray: a tracking server that is down is one line
