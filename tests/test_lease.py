@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,9 +15,15 @@ import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
+from ray_resnet.apps import cli
+from ray_resnet.apps.status import read_status
+from ray_resnet.config import load_config, read_config, save_config
+from ray_resnet.constants import CONFIG_FILE
 from ray_resnet.errors import DirInUseError
 from ray_resnet.io import lease, storage
+from ray_resnet.io.rundir import run_dir, write_config
 
 from fixtures import own_lines
 from s3_server import BUCKET
@@ -87,7 +94,7 @@ def test_of_contenders_started_together_one_holds_and_the_others_are_refused_in_
         assert refusal.group(1) == directory and int(refusal.group(2)) == holders[0].pid
     assert lease_files(directory) == {}  # the holder released it, the refused left nothing
     if not storage.is_uri(directory):
-        assert not Path(directory).exists()  # nor the dir the lease alone had made
+        assert not Path(directory).parent.exists()  # nor the dirs the lease alone had made (runs/x)
 
 
 def test_the_holders_claim_is_all_a_refused_driver_sees_and_it_changes_nothing(where):
@@ -164,3 +171,72 @@ def test_the_heartbeat_keeps_a_live_lease_and_a_stopped_holder_lapses(where):
     finally:
         holder.kill()
         holder.wait()
+
+
+# --- the commands: `train` and `sweep` refuse a held dir before reading it; `status` names the holder -----------
+
+def _digest(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_train_and_sweep_on_a_held_dir_are_one_line_exit_2_and_change_nothing(tmp_path, capsys):
+    run = tmp_path / "runs" / "x"
+    # Another recipe's config.yaml: a driver that read it before taking the lease would fail on that instead.
+    save_config(load_config(None, ["model=resnet56", f"run.storage={run.parent}", "run.name=x"]), run / CONFIG_FILE)
+    sweep_file = tmp_path / "sweep_depth.yaml"
+    sweep_file.write_text(yaml.safe_dump({"grid": {"seed": [0, 1]}, "config": {"schedule": {"epochs": 1}}}))
+    for directory, argv, what in (
+            (run, ["train", "--storage", str(run.parent), "--name", "x", "--data", str(tmp_path / "none")], "run dir"),
+            (tmp_path / "sweeps" / "depth", ["sweep", "-c", str(sweep_file), "--storage", str(tmp_path / "sweeps"),
+                                              "--data", str(tmp_path / "none")], "sweep dir")):
+        with lease.held(str(directory), what, FIX):  # default timing: no beat during the command
+            before = _digest(directory)
+            assert cli.main(argv) == 2
+            (line,) = own_lines(capsys.readouterr().err)
+            assert line.startswith(f"ray-resnet: error: {what} {directory} is in use by pid {os.getpid()} on host "
+                                   f"{socket.gethostname()} since "), line
+            assert _digest(directory) == before
+
+
+def test_status_names_the_driver_holding_a_run(tmp_path, capsys):
+    root = tmp_path / "runs"
+    cfg = load_config(None, [f"run.storage={root}", "run.name=held", "schedule.epochs=3", "schedule.warmup_epochs=0",
+                             "schedule.milestones=[]"])
+    write_config(cfg)
+    with lease.held(run_dir(cfg), "run dir", FIX):
+        assert cli.main(["status", str(root)]) == 0
+        (row,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("held ")]
+        assert re.search(rf"  running +0/3 .*  {re.escape(socket.gethostname())} \(pid {os.getpid()}, "
+                         r"beat [0-2] s ago\)$", row), row
+        (held,) = read_status(str(root))
+        assert held.holder["pid"] == os.getpid() and held.holder["heartbeat_age_s"] < 3
+    (released,) = read_status(str(root))
+    assert released.holder is None and released.status == "running"  # by its recent writes alone
+
+
+@pytest.mark.ray
+def test_two_train_commands_started_together_on_one_name(real_cifar_small, tmp_path):
+    """The shell loop `for lr in ...; do ray-resnet train --set optim.lr=$lr & done`: one trains, the other stops."""
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    sets = ["data.train_subset=128", "data.test_subset=64", "optim.batch_size=64", "schedule.epochs=1",
+            "schedule.warmup_epochs=0", "schedule.milestones=[]", "perf.eval_batch_size=64"]
+    procs = [subprocess.Popen([sys.executable, "-m", "ray_resnet", "train", "--data", str(real_cifar_small),
+                               "--storage", str(tmp_path), "--name", "same", *[a for s in sets for a in ("--set", s)],
+                               "--set", f"optim.lr={lr}"], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for lr in (0.1, 0.05)]
+    try:
+        outs = [p.communicate(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert sorted(p.returncode for p in procs) == [0, 2], outs
+    winner, loser = (0, 1) if procs[0].returncode == 0 else (1, 0)
+    assert own_lines(outs[loser][0] + outs[loser][1]) == [own_lines(outs[loser][1])[0]]  # its one line, no Ray
+    refusal = REFUSAL.match(own_lines(outs[loser][1])[0])
+    assert refusal and int(refusal.group(2)) == procs[winner].pid, outs[loser]
+    assert "done: same" in outs[winner][0]
+    record = json.loads((tmp_path / "same" / "environment.json").read_text())
+    assert len(record["attempts"]) == 1  # the refused driver recorded no attempt
+    assert read_config(str(tmp_path / "same" / CONFIG_FILE)).optim.lr == (0.1, 0.05)[winner]
+    assert not (tmp_path / "same" / lease.LEASE_DIR).exists()

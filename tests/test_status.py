@@ -160,7 +160,7 @@ def test_json_lists_one_object_per_run(tmp_path, capsys):
         "name": "r20-done", "sweep": None, "run_dir": str(root / "r20-done"), "model": "resnet20", "recipe": "timm",
         "status": "finished", "epoch": 3, "epochs": 3, "test_acc": 82.5, "best_test_acc": 83.1,
         "wall_time_s": 3723.4, "started": "2026-01-05T09:30:00+00:00", "host": "node-b",
-        "last_write": rows["r20-done"]["last_write"]}
+        "last_write": rows["r20-done"]["last_write"], "holder": None}
     assert rows["r44-killed"]["last_write"] == time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(int(killed_at)))
     assert rows["sweeps/depth/plain20-s0"]["sweep"] == "sweeps/depth"
     assert [rows[n]["status"] for n in rows] == ["finished", "diverged", "interrupted", "running", "interrupted",

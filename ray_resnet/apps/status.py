@@ -4,7 +4,8 @@ a sweep dir or one run dir): each run's model, recipe, status, epoch, test accur
 Pure (no Ray, no torch) and made for buckets with hundreds of runs: one recursive listing of the root finds the
 run dirs (dirs holding config.yaml), the sweep dirs (sweep.yaml) and when each run last wrote a file; then only
 each run's small files are read, concurrently and without existence checks (the listing has them): config.yaml,
-result.json, environment.json and Ray Train's checkpoint_manager_snapshot.json.
+result.json, environment.json, Ray Train's checkpoint_manager_snapshot.json and the claims of a run's lease
+(io/lease.py): a live one names the driver writing the run now.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ray_resnet.apps.cli import clock
 from ray_resnet.config import saved_config
 from ray_resnet.constants import CONFIG_FILE, ENVIRONMENT_FILE, RESULT_FILE, SWEEP_FILE
 from ray_resnet.errors import ConfigError, NoRunDirsError
-from ray_resnet.io import storage
+from ray_resnet.io import lease, storage
 from ray_resnet.io.rundir import (
     SNAPSHOT_FILE,
     RunResult,
@@ -64,6 +65,7 @@ class RunStatus:
     started: str | None  # when its first attempt started (UTC, ISO 8601)
     host: str | None  # where its latest attempt's driver ran
     last_write: str  # when it last wrote a file (UTC, ISO 8601)
+    holder: dict | None = None  # the driver holding its lease now: host, pid, since (UTC), heartbeat_age_s
 
 
 def read_status(root: str, now_s: float | None = None) -> list[RunStatus]:
@@ -80,6 +82,7 @@ def read_status(root: str, now_s: float | None = None) -> list[RunStatus]:
     present = {f.path for f in listed}
     sweeps = {posixpath.dirname(path) for path in present if posixpath.basename(path) == SWEEP_FILE}
     wanted = [posixpath.join(run, name) for run in runs for name in ROW_FILES if posixpath.join(run, name) in present]
+    wanted += [f.path for files in runs.values() for f in files if _is_claim(f.path)]
     contents = dict(zip(wanted, storage.read_files([storage.join(root, path) for path in wanted])))
     now_s = time.time() if now_s is None else now_s
     rows = []
@@ -87,8 +90,22 @@ def read_status(root: str, now_s: float | None = None) -> list[RunStatus]:
         parent = posixpath.dirname(run) if run else None
         read = {name: contents.get(posixpath.join(run, name)) for name in ROW_FILES}
         rows.append(run_status(RunFiles(root, run, parent if parent in sweeps else None, read,
-                                        max(f.mtime_s for f in files)), now_s))
+                                        max(f.mtime_s for f in files), _live_holder(run, files, contents, now_s)),
+                               now_s))
     return rows
+
+
+def _is_claim(path: str) -> bool:
+    return posixpath.basename(posixpath.dirname(path)) == lease.LEASE_DIR and path.endswith(lease.CLAIM)
+
+
+def _live_holder(run: str, files: list[ListedFile], contents: dict, now_s: float) -> lease.Holder | None:
+    """The driver holding the run's lease at `now_s` (this machine's clock), from the listing and its claims."""
+    prefix = posixpath.join(run, lease.LEASE_DIR) + "/"
+    listed = [dataclasses.replace(f, path=f.path[len(prefix):]) for f in files if f.path.startswith(prefix)]
+    claims = {f.path: contents.get(prefix + f.path) for f in listed if f.path.endswith(lease.CLAIM)}
+    live = [h for h in lease.holders_from(listed, claims) if not lease.is_gone(h, now_s, lease.Timing().stale_s)]
+    return live[0] if live else None
 
 
 def files_by_run(listed: list[ListedFile]) -> dict[str, list[ListedFile]]:
@@ -124,14 +141,15 @@ def _display(root: str, path: str) -> str:
 @dataclass(frozen=True)
 class RunFiles:
     """What a row is made of: run dir `run` (its path under `root`), the sweep dir it is a trial of (its path under
-    `root`; None: not a trial), the bytes of its ROW_FILES (None for one it lacks) and when it last wrote a file
-    (seconds since the Unix epoch)."""
+    `root`; None: not a trial), the bytes of its ROW_FILES (None for one it lacks), when it last wrote a file
+    (seconds since the Unix epoch) and the driver holding its lease (None: none alive)."""
 
     root: str
     run: str
     sweep: str | None
     read: dict[str, bytes | None]
     last_write_s: float
+    holder: lease.Holder | None = None
 
 
 def run_status(files: RunFiles, now_s: float) -> RunStatus:
@@ -148,7 +166,15 @@ def run_status(files: RunFiles, now_s: float) -> RunStatus:
                      model=cfg.model if cfg else None, recipe=cfg.recipe if cfg else None, status=progress.status,
                      epoch=progress.epoch, epochs=progress.epochs, test_acc=progress.test_acc,
                      best_test_acc=progress.best_test_acc, wall_time_s=progress.wall_time_s,
-                     started=attempts.first_started, host=attempts.last_host, last_write=_utc(files.last_write_s))
+                     started=attempts.first_started, host=attempts.last_host, last_write=_utc(files.last_write_s),
+                     holder=_holder_record(files.holder, now_s))
+
+
+def _holder_record(holder: lease.Holder | None, now_s: float) -> dict | None:
+    if holder is None:
+        return None
+    return {"host": holder.host, "pid": holder.pid, "since": _utc(holder.claimed_s),
+            "heartbeat_age_s": round(holder.age_s(now_s), 1)}
 
 
 class Progress(NamedTuple):
@@ -173,7 +199,7 @@ def _progress(files: RunFiles, epochs: int | None, wall_time_s: float, now_s: fl
     # keeps beside it in its snapshot file (a few kB of JSON). That is where a resume starts, and the cheapest
     # source: tb/'s event files would have to be downloaded and parsed, and a checkpoint.pt is MBs of torch.
     committed = committed_epoch(storage.parse_json(files.read[SNAPSHOT_FILE]))
-    status = "running" if now_s - files.last_write_s < RUNNING_WITHIN_S else "interrupted"
+    status = "running" if files.holder or now_s - files.last_write_s < RUNNING_WITHIN_S else "interrupted"
     return Progress(status, committed.epoch, epochs, committed.test_acc, committed.best_test_acc, wall_time_s)
 
 
@@ -212,7 +238,14 @@ def status_table(rows: list[RunStatus]) -> str:
 def _cells(row: RunStatus) -> tuple[str, ...]:
     return (row.name, row.model or "?", row.recipe or "?", row.status, f"{row.epoch}/{row.epochs or '?'}",
             _percent(row.test_acc), _percent(row.best_test_acc), clock(row.wall_time_s), _minute(row.started),
-            row.host or "—")
+            _host(row))
+
+
+def _host(row: RunStatus) -> str:
+    """Where the latest attempt's driver ran; for a run a driver holds now, that driver and its last beat."""
+    if row.holder is None:
+        return row.host or "—"
+    return f"{row.holder['host']} (pid {row.holder['pid']}, beat {row.holder['heartbeat_age_s']:.0f} s ago)"
 
 
 def _percent(value: float | None) -> str:
@@ -246,7 +279,8 @@ def _counts(rows: list[RunStatus]) -> str:
 def _footnote() -> list[str]:
     minutes = RUNNING_WITHIN_S // 60
     return textwrap.wrap(
-        f"running: no result.json yet and a file written in the last {minutes} minutes; interrupted: none for longer "
-        "(rerun its command to resume it; a sweep's trial may also have been stopped early by ASHA). Without "
-        "result.json, epoch and accuracies are the latest checkpoint's (where a resume starts). Accuracies in %; "
-        "host: where the latest attempt's driver ran.", FOOTNOTE_WIDTH)
+        f"running: no result.json yet and a file written in the last {minutes} minutes or a driver holding its lease; "
+        "interrupted: neither (rerun its command to resume it; a sweep's trial may also have been stopped early by "
+        "ASHA). Without result.json, epoch and accuracies are the latest checkpoint's (where a resume starts). "
+        "Accuracies in %; host: where the latest attempt's driver ran, or the pid and last heartbeat of the driver "
+        "holding the run now.", FOOTNOTE_WIDTH)
