@@ -142,6 +142,15 @@ def live_holder(directory: str, timing: Timing = Timing(), now_s: float | None =
     return live[0] if live else None
 
 
+def _missing_dirs(directory: Path) -> list[Path]:
+    """A local dir and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not directory.exists() and directory.parent != directory:
+        missing.append(directory)
+        directory = directory.parent
+    return missing
+
+
 class Lease:
     """This process's claim on a dir; `take` makes it the holder or raises DirInUseError."""
 
@@ -151,14 +160,17 @@ class Lease:
         self.lease_dir = storage.join(directory, LEASE_DIR)
         self.claim = storage.join(self.lease_dir, self.id + CLAIM)
         self.beat = storage.join(self.lease_dir, self.id + BEAT)
-        self.made_dir = not storage.is_uri(directory) and not os.path.isdir(directory)
+        self.missing_dirs = [] if storage.is_uri(directory) else _missing_dirs(Path(directory))
         self._released = threading.Event()
         self._beating: threading.Thread | None = None
 
     def take(self) -> None:
         record = {"host": socket.gethostname(), "pid": os.getpid(), "machine": _this_machine(),
                   "process_start": _process_start(os.getpid()), "started": utc_text(time.time())}
-        storage.write_text(self.claim, json.dumps(record) + "\n")
+        try:  # a holder releasing just now may remove the empty local .lease/ between its mkdir and the write
+            storage.write_text(self.claim, json.dumps(record) + "\n")
+        except FileNotFoundError:
+            storage.write_text(self.claim, json.dumps(record) + "\n")
         try:
             for settled in (False, True):
                 first, now_s = self._earliest_live()
@@ -204,9 +216,9 @@ class Lease:
 
     def _delete_own(self) -> None:
         self._delete(self.id)
-        if not storage.is_uri(self.directory):  # a local dir the lease made is not left behind empty
-            for made in (self.lease_dir, *([self.directory] if self.made_dir else [])):
-                with contextlib.suppress(OSError):
+        if not storage.is_uri(self.directory):  # local dirs the lease alone made are not left behind empty
+            for made in (self.lease_dir, *self.missing_dirs):
+                with contextlib.suppress(OSError):  # not empty: another driver's claim, or the run's files
                     os.rmdir(made)
 
     def _beat_until_released(self) -> None:
