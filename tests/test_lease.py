@@ -184,7 +184,8 @@ def test_train_and_sweep_on_a_held_dir_are_one_line_exit_2_and_change_nothing(tm
     # Another recipe's config.yaml: a driver that read it before taking the lease would fail on that instead.
     save_config(load_config(None, ["model=resnet56", f"run.storage={run.parent}", "run.name=x"]), run / CONFIG_FILE)
     sweep_file = tmp_path / "sweep_depth.yaml"
-    sweep_file.write_text(yaml.safe_dump({"grid": {"seed": [0, 1]}, "config": {"schedule": {"epochs": 1}}}))
+    sweep_file.write_text(yaml.safe_dump({"grid": {"seed": [0, 1]}, "config": {
+        "schedule": {"epochs": 1, "warmup_epochs": 0, "milestones": []}}}))
     for directory, argv, what in (
             (run, ["train", "--storage", str(run.parent), "--name", "x", "--data", str(tmp_path / "none")], "run dir"),
             (tmp_path / "sweeps" / "depth", ["sweep", "-c", str(sweep_file), "--storage", str(tmp_path / "sweeps"),
