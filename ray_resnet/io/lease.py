@@ -33,6 +33,7 @@ from ray_resnet.io.storage import ListedFile
 
 LEASE_DIR = ".lease"
 CLAIM, BEAT = ".json", ".beat"
+STORE_TIME_RESOLUTION_S = 1.0  # S3 keeps modification times in whole seconds
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,8 @@ class Timing:
     beat_s 10: a rewrite of one tiny object per 10 s (8,640 PUTs a day on S3); stale_s 60: a beat may wait up to
     storage.ANSWER_TIMEOUT_S (20 s) for a slow store before it fails, so 60 s is such a hung request plus 3 missed
     beats; a rerun on another machine after its driver died waits at most that minute (on the same machine: none).
-    settle_s 2: an object store's 1 s time resolution plus the time a small PUT takes to show in a listing."""
+    settle_s 2: an object store's 1 s time resolution plus the time a small PUT takes to show in a listing (less
+    than that resolution lets a claim of the same second as the holder's win the tie after the holder settled)."""
 
     beat_s: float = 10.0
     stale_s: float = 60.0
@@ -172,12 +174,14 @@ class Lease:
         except FileNotFoundError:
             storage.write_text(self.claim, json.dumps(record) + "\n")
         try:
-            for settled in (False, True):
+            first, now_s = self._earliest_live()
+            # A claim this new (this one's, or a contender's that may yet lose) may still be preceded by one of the
+            # same second that does not show yet: look again once it would.
+            if first.id == self.id or now_s - first.claimed_s <= self.timing.settle_s + STORE_TIME_RESOLUTION_S:
+                time.sleep(self.timing.settle_s)
                 first, now_s = self._earliest_live()
-                if first.id != self.id:
-                    raise DirInUseError(self._refusal(first, now_s))
-                if not settled:
-                    time.sleep(self.timing.settle_s)  # a contender's claim of the same second shows by then
+            if first.id != self.id:
+                raise DirInUseError(self._refusal(first, now_s))
         except BaseException:
             self._delete_own()
             raise
