@@ -384,8 +384,9 @@ def download_dir(location: str, local_dir: str | os.PathLike) -> None:
 
 def check_writable(location: str) -> None:
     """Write and delete a small file under `location`, so a missing bucket, refused credentials, a silent endpoint,
-    or a local path that is a file, read-only or full fail here in one line, before any training starts (a local
-    directory is created). The probe's name is unique: runs and sweep trials check one storage at once."""
+    or a local path that is a file, read-only or full fail here in one line, before any training starts (local
+    directories it makes for the probe are removed again). The probe's name is unique: runs and sweep trials check
+    one storage at once."""
     fs, path = filesystem(location)
     probe = posixpath.join(path, f".ray-resnet-write-check-{uuid.uuid4().hex}")
 
@@ -396,6 +397,7 @@ def check_writable(location: str) -> None:
     if is_uri(location):
         _answered(location, write_and_delete)
         return
+    made = [d for d in (Path(path), *Path(path).parents) if not d.exists()]  # deepest first
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
         write_and_delete()
@@ -404,3 +406,7 @@ def check_writable(location: str) -> None:
             e.strerror or str(e))
         raise StorageError(f"{location}: cannot write there ({reason}): choose another storage (--storage / "
                            "run.storage), or free or fix that one") from None
+    finally:  # a check leaves nothing behind: the first file a run writes makes the dirs again
+        for directory in made:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
