@@ -62,13 +62,7 @@ def test_a_run_killed_after_an_async_uploaded_checkpoint_resumes_from_it(s3_env,
     args = ("--set", "run.checkpoint_every=2")  # epoch 1 is never checkpointed: only the mirror of epoch 2 has it
     first = TrainProcess(tmp_path, real_cifar_small, "async", epochs, storage=f"s3://{BUCKET}/runs",
                          env=s3_env.env, args=args)
-    try:
-        first.wait_until(lambda: committed_epoch(run) >= 2)
-        first.processes()
-        first.proc.kill()
-        first.proc.wait(30)
-    finally:
-        first.cleanup()
+    first.kill_driver_when(lambda: committed_epoch(run) >= 2)
     committed = committed_epoch(run)
     assert committed == 2 and storage.read_json(f"{run}/result.json") is None
     assert set(range(1, committed + 1)) <= set(tb_steps(run))  # every checkpointed epoch's events are there

@@ -117,6 +117,16 @@ class TrainProcess:
         finally:
             self.cleanup()
 
+    def kill_driver_when(self, condition) -> None:
+        """Once `condition()` holds, SIGKILL the driver as a crash would, then stop what it started."""
+        try:
+            self.wait_until(condition)
+            self.processes()  # the driver's children, known before it dies and they are orphaned
+            self.proc.kill()
+            self.proc.wait(30)
+        finally:
+            self.cleanup()
+
     def cleanup(self) -> None:
         """Kill the run and every process it started, by pid (a killed driver leaves Ray agents behind)."""
         if self.proc.poll() is None:

@@ -367,13 +367,7 @@ def test_a_killed_driver_resumes_from_the_bucket(s3_env, real_cifar_small, tmp_p
 
     run, epochs = f"s3://{BUCKET}/runs/killed", 3
     first = TrainProcess(tmp_path, real_cifar_small, "killed", epochs, storage=f"s3://{BUCKET}/runs", env=s3_env.env)
-    try:
-        first.wait_until(lambda: committed_epoch(run) >= 1)
-        first.processes()
-        first.proc.kill()
-        first.proc.wait(30)
-    finally:
-        first.cleanup()
+    first.kill_driver_when(lambda: committed_epoch(run) >= 1)
     assert storage.read_json(f"{run}/result.json") is None
     second = TrainProcess(tmp_path, real_cifar_small, "killed", epochs, "2", storage=f"s3://{BUCKET}/runs",
                           env=s3_env.env)
