@@ -19,6 +19,7 @@ from ray_resnet.apps.report import read_curve
 from ray_resnet.config import Config, read_config, save_config
 from ray_resnet.core.checkpoint import CheckpointState, load_checkpoint, save_checkpoint
 from ray_resnet.core.datasets import load_cifar
+from ray_resnet.errors import StorageError
 from ray_resnet.io import storage
 
 from cluster_scenarios import committed_epoch, run_scenario
@@ -105,10 +106,38 @@ def test_bad_storage_is_one_line_within_30_s_before_anything_runs(s3_env, tmp_pa
         line, seconds = _error(capsys, *train, "--storage", f"s3://{BUCKET}/runs")
     assert f"s3://{BUCKET}/runs: no answer from the object store in 20 s" in line and "AWS_ENDPOINT_URL" in line
     assert seconds < 30
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    # Nothing listens there: tried like an outage (a store may be restarting), so bounded the same way.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setattr(storage, "ANSWER_TIMEOUT_S", 5)
     line, seconds = _error(capsys, *train, "--storage", f"s3://{BUCKET}/runs")
-    assert "cannot reach the object store" in line and seconds < 30
+    assert f"s3://{BUCKET}: no answer from the object store in 5 s" in line and seconds < 10
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_store_failing_for_seconds_is_ridden_out_and_a_lasting_outage_is_one_line(s3_env, monkeypatch):
+    from faulty_proxy import FaultyProxy
+
+    proxy = FaultyProxy(s3_env.url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    base = f"s3://{BUCKET}/flaky"
+    try:
+        storage.write_text(f"{base}/kept.txt", "kept")
+        for kind in ("503", "drop"):
+            before = proxy.faulted[kind]
+            proxy.fault(kind, 3)  # pyarrow's default 3 tries span about 2 s: this write would fail with them
+            storage.write_text(f"{base}/{kind}.txt", kind)
+            proxy.fault(kind, 3)
+            assert storage.read_text(f"{base}/kept.txt") == "kept" and storage.list_names(base) == \
+                sorted(["kept.txt", *(k + ".txt" for k in ("503", "drop")[:("503", "drop").index(kind) + 1])])
+            assert proxy.faulted[kind] - before >= 4  # both calls met the window and got through
+        monkeypatch.setattr(storage, "ANSWER_TIMEOUT_S", 5)  # a small request's bound, as in a run
+        proxy.fault("503", 60)
+        start = time.monotonic()
+        with pytest.raises(StorageError, match="no answer from the object store in 5 s"):
+            storage.list_names(base)
+        assert time.monotonic() - start < 10 and proxy.faulted["503"] > 0
+    finally:
+        proxy.stop()
 
 
 def test_refused_and_missing_credentials_name_what_to_check(tmp_path, capsys, monkeypatch):

@@ -42,6 +42,11 @@ ENDPOINT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DE
 ANSWER_TIMEOUT_S = 20
 # What a filesystem object is made from besides its URI (it reads them once): a change means a new one.
 _CLIENT_ENV = (*ENDPOINT_ENV, "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "GOOGLE_APPLICATION_CREDENTIALS")
+# How many times one S3 request is tried (AWS's standard retry mode: 5xx answers, throttling and dropped
+# connections, with jittered exponential backoff of at most 20 s between tries; pyarrow's default is 3). A store
+# that is out for a few seconds is then ridden out; a longer outage is still bounded by ANSWER_TIMEOUT_S for small
+# requests, and fails the run's attempt, which Ray restarts from the latest checkpoint (run.max_failures).
+S3_ATTEMPTS = 10
 # How many small files `read_files` fetches at once: an object store answers each in tens of milliseconds, most
 # of it waiting, so reads overlap well; locally they are page-cache reads.
 READ_THREADS = 16
@@ -107,7 +112,15 @@ def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 @functools.lru_cache(maxsize=32)
 def _bucket(root_uri: str, client_env: tuple) -> tuple[pafs.FileSystem, str]:
     """One filesystem per bucket and endpoint setting: resolving one (e.g. an S3 bucket's region) costs a request."""
-    return _answered(root_uri, lambda: pafs.FileSystem.from_uri(root_uri))
+    fs, root = _answered(root_uri, lambda: pafs.FileSystem.from_uri(root_uri))
+    return (_with_retries(fs) if isinstance(fs, pafs.S3FileSystem) else fs), root
+
+
+def _with_retries(fs: pafs.S3FileSystem) -> pafs.S3FileSystem:
+    """`fs` (its region, endpoint and credentials as from_uri resolved them) trying each request S3_ATTEMPTS times.
+    The options come from its pickle form, which leaves the retry strategy out."""
+    options = fs.__reduce__()[1][0]
+    return pafs.S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
 
 
 def _answered(location: str, call: Callable[[], T], bounded: bool = True) -> T:
@@ -151,6 +164,9 @@ def _explain(location: str, error: Exception) -> str:
                                 "signature", "403")):
         hint = ("access was refused: check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
                 "the instance role; GOOGLE_APPLICATION_CREDENTIALS for gs://) and that they may use this bucket")
+    elif any(k in low for k in ("http status 5", "slowdown", "service unavailable", "internalerror")):
+        hint = (f"the object store kept failing the request (an outage or throttling) after {S3_ATTEMPTS} tries; "
+                "check the store's status")
     elif any(k in low for k in ("curlcode: 7", "could not connect", "connection refused", "resolve host",
                                 "timeout", "timed out", "network_connection")):
         hint = "cannot reach the object store: check the endpoint (AWS_ENDPOINT_URL for S3-compatible stores)"
