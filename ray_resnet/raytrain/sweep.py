@@ -33,7 +33,15 @@ from ray import tune
 from ray_resnet import config as config_lib
 from ray_resnet.config import Config, flatten, merge, nest
 from ray_resnet.constants import CONFIG_FILE, SWEEP_FILE
-from ray_resnet.errors import ConfigError, DirInUseError, DivergedError, RunError, SweepError, UserError
+from ray_resnet.errors import (
+    ConfigError,
+    DirInUseError,
+    DivergedError,
+    RunError,
+    SweepError,
+    UserError,
+    WorkersNotStartedError,
+)
 from ray_resnet.io import lease, storage, tracking
 from ray_resnet.io.rundir import (
     SNAPSHOT_FILE,
@@ -318,6 +326,8 @@ def run_trial(trial_space: dict, sweep: Sweep, datasets: dict, command: list[str
     except DivergedError:  # recorded in its result.json; a trial Tune counts as errored would rerun on --resume
         pass
     except DirInUseError:  # another driver writes that run dir: record nothing there; --resume reruns the trial
+        raise
+    except WorkersNotStartedError:  # no room for its workers yet, maybe later: failed, and --resume reruns it
         raise
     except UserError as e:  # deterministic (bad data for this trial's split, a worker's error): recorded, not rerun
         _record_trial_error(resolve_run(cfg), str(e))
