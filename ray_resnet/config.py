@@ -146,6 +146,10 @@ class RunConfig:
     # the latest checkpoint (torch's default: 30 min). A healthy step's all-reduces take milliseconds; rank 0's
     # checkpoint upload happens outside them, in Ray's report.
     collective_timeout_s: float = setting(300.0, "x >= 10", runtime=True)
+    # How long (seconds) each start or restart of a fixed-size run's worker group may wait for the cluster to place
+    # its workers (nodes the autoscaler adds included) before the run stops in one line; Ray Train alone would wait
+    # forever. An elastic run is left to Ray's elastic policy, which starts a group only once its minimum fits.
+    start_timeout_s: float = setting(600.0, "x >= 1", runtime=True)
     # How workers spread over nodes (Ray placement group strategy); PACK fills one node first.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # The cluster adds nodes on demand (the cluster/ configs): skip the up-front "do the workers fit" check

@@ -48,6 +48,11 @@ class RunError(UserError, RuntimeError):
     """A run cannot start or go on as asked; the message says why and what to do."""
 
 
+class WorkersNotStartedError(RunError):
+    """No worker group could be placed within run.start_timeout_s. The cluster may have room later (nodes that come,
+    runs that end), so a sweep trial that ends so is not recorded as failed: `sweep --resume` reruns it."""
+
+
 class DirInUseError(UserError, RuntimeError):
     """Another live driver holds the lease on a run dir or sweep dir; the message names it (host, pid, since when,
     its last heartbeat) and what to do."""

@@ -165,6 +165,8 @@ CASES = {
     "seed -1": (_set("seed=-1"), "seed >= 0"),
     "train_subset 0": (_set("data.train_subset=0"), "train_subset >= 1"),
     "max_failures -2": (_set("run.max_failures=-2"), "max_failures >= -1"),
+    "start_timeout_s 0": (_set("run.start_timeout_s=0"),
+                          "run.start_timeout_s: 0.0 is out of range: it must satisfy start_timeout_s >= 1"),
     "val_split 0": (_set("data.val_split=0"), "val_split >= 1"),
     "recipe typo": (_set("recipe=he2015"), "recipe: expected 'timm' | 'paper' | 'reproduction', got 'he2015'"),
     "normalize typo": (_set("data.normalize=cifar"), "data.normalize: expected 'imagenet' | 'pixel_mean'"),

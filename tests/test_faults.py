@@ -28,6 +28,7 @@ from ray_resnet.io.rundir import latest_checkpoint
 from ray_resnet.raytrain.driver import run_training
 
 from cluster_scenarios import committed_epoch, run_scenario
+from fixtures import own_lines
 from mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.ray
@@ -239,6 +240,26 @@ def test_killed_worker_without_restarts_left_stops_in_one_line(real_cifar_small,
     assert "Ray Train gave up after run.max_failures=0 restart(s)" in errors[0]
     assert "rerun the same command to resume" in errors[0]
     assert load_checkpoint(latest_checkpoint(tmp_path / "nr")).epoch >= 1  # the committed checkpoint stays
+
+
+def test_workers_that_never_get_room_stop_after_the_start_timeout_in_one_line(real_cifar_small, tmp_path):
+    """With run.autoscaling (no up-front fit check) a worker no node can hold: Ray Train alone would retry its start
+    forever; the run stops after run.start_timeout_s, in one line, and keeps what it wrote (a rerun resumes)."""
+    sets = ["run.autoscaling=true", "run.device=cpu", "run.cpus_per_worker=1000", "run.start_timeout_s=5"]
+    run = TrainProcess(tmp_path, real_cifar_small, "nofit", 1, args=tuple(a for s in sets for a in ("--set", s)))
+    assert run.finish(timeout=120) == 2, run.log[-3000:]
+    elapsed = time.perf_counter() - run.start
+    lines = own_lines(run.log)
+    errors = [line for line in lines if line.startswith("ray-resnet: error: ")]
+    assert errors == [lines[-1]], run.log[-3000:]
+    assert re.fullmatch(r"ray-resnet: error: no worker group of 1 worker\(s\) x \{'CPU': 1000\} started within "
+                        r"run.start_timeout_s=5 s: the cluster never had room for them .*rerun the same command to "
+                        r"resume, or raise --set run.start_timeout_s=N to wait longer", errors[0]), errors[0]
+    assert not [line for line in lines if line.startswith("Traceback")], run.log[-3000:]
+    assert (tmp_path / "nofit" / "config.yaml").is_file()
+    (attempt,) = json.loads((tmp_path / "nofit" / "environment.json").read_text())["attempts"]
+    assert not attempt.get("worker_groups") and not (tmp_path / "nofit" / "result.json").exists()
+    print(f"\n[start timeout] a worker that never fits: stopped {elapsed:.1f}s after start (run.start_timeout_s=5)")
 
 # --- c. a node of a simulated two-node cluster removed mid-run ------------------------------------------------
 

@@ -412,3 +412,21 @@ def test_an_asha_sweep_on_a_ray_without_its_dashboard_is_refused_before_any_tria
     assert done.returncode == 2, done.stderr[-2000:]
     assert "scheduler.asha needs Ray's State API" in done.stderr and "--include-dashboard=true" in done.stderr
     assert not list((tmp_path / "sweeps").rglob("result.json"))
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_trial_whose_workers_never_get_room_fails_and_is_rerun_by_resume(real_cifar_small, tmp_path):
+    """Not a deterministic error (no result.json "error"): the cluster may have room later, so --resume reruns it."""
+    file = _write(tmp_path / "nofit.yaml", {
+        "name": "nofit", "config": {**TINY, "data": {**TINY["data"], "root": str(real_cifar_small)},
+                                    "run": {"autoscaling": True, "device": "cpu", "start_timeout_s": 5}},
+        "resources": {"workers_per_trial": 1, "cpus_per_worker": 1000, "max_concurrent_trials": 1},
+    })
+    sweep = load_sweep(file, storage=str(tmp_path / "sweeps"))
+    for resume in (False, True):
+        outcome = run_sweep(sweep, resume=resume)
+        assert outcome.finished == 0 and len(outcome.errors) == 1, outcome
+        assert "run.start_timeout_s=5 s" in outcome.errors[0], outcome.errors
+    (trial,) = [p for p in Path(sweep.dir).iterdir() if (p / "config.yaml").is_file()]
+    assert not (trial / "result.json").exists()
+    assert len(json.loads((trial / "environment.json").read_text())["attempts"]) == 2  # rerun by --resume

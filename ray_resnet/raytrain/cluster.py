@@ -58,6 +58,34 @@ def ray_settings() -> Iterator[dict[str, str]]:
             os.environ.pop(key, None)
 
 
+# Ray Train's bound (seconds) on each start of a worker group, read by its controller, which gets it from the
+# environment of the process that calls fit (Ray 2.60: 60 s, and a start that times out is retried, forever).
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+@contextlib.contextmanager
+def start_timeout(cfg: Config) -> Iterator[None]:
+    """run.start_timeout_s as Ray Train's start timeout while a fixed-size run's trainer is made and fit; the
+    environment is as it was afterwards. The key wins over a START_TIMEOUT_ENV set where the run starts (a note
+    says so): the run's one-line error names the key and the value that bounded it. An elastic run keeps Ray's
+    timeout: its starts at a size that no longer fits (a node just lost) are retried at the size that does."""
+    if cfg.run.elastic:
+        yield
+        return
+    before, value = os.environ.get(START_TIMEOUT_ENV), str(cfg.run.start_timeout_s)
+    if before is not None and before != value:
+        print(f"note: {START_TIMEOUT_ENV}={before} is replaced by run.start_timeout_s={value} for this run",
+              flush=True)
+    os.environ[START_TIMEOUT_ENV] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(START_TIMEOUT_ENV, None)
+        else:
+            os.environ[START_TIMEOUT_ENV] = before
+
+
 def connect(address: str | None) -> None:
     """Join `address` (or $RAY_ADDRESS, which `ray job submit` sets), else start a local embedded Ray."""
     if not ray.is_initialized():

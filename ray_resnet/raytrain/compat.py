@@ -35,6 +35,17 @@ def worker_logs_dir() -> str:
     return f"{Path(node.get_session_dir_path()) / 'logs' / 'train'}/ on each node"
 
 
+# Ray Train's controller errors for a worker group that did not start, private classes in Ray 2.60
+# (ray.train.v2._internal.exceptions): told apart by name, so a Ray that renames them only loses the specific line.
+_START_FAILURES = {"WorkerGroupStartupTimeoutError": "timeout", "WorkerGroupStartupFailedError": "failed"}
+
+
+def worker_group_start_failure(controller_failure: Exception) -> str | None:
+    """"timeout" where a ControllerError's cause is a worker group whose resources never came within the start
+    timeout, "failed" where its workers failed to start, else None."""
+    return _START_FAILURES.get(type(controller_failure).__name__)
+
+
 def wait_for_ray_to_see_a_lost_node(peer_nodes: set[str], limit_s: float) -> bool:
     """After a collective failed because a peer's process vanished: poll Ray's view of the nodes (every 0.5 s, at
     most `limit_s`) until one of `peer_nodes` is gone, then give Ray's controller the rest of the time to stop this

@@ -37,7 +37,7 @@ from ray_resnet.io.rundir import (
     write_config,
     write_result,
 )
-from ray_resnet.raytrain.cluster import WorkerResources, connect, plan_resources, ray_settings
+from ray_resnet.raytrain.cluster import WorkerResources, connect, plan_resources, ray_settings, start_timeout
 from ray_resnet.raytrain.failures import fit_or_explain
 from ray_resnet.raytrain.worker import Outcome, WorkerSpec, train_loop_per_worker
 
@@ -149,7 +149,8 @@ def _train_held(cfg: Config, address: str | None, callbacks: list | None, hparam
                           progress_every_s(sys.stdout.isatty()), hparams or {}, worker_hooks, tracked,
                           resume.instead_of_latest)
         try:
-            result = fit_or_explain(_trainer(spec, resources, callbacks), cfg.run.max_failures)
+            with start_timeout(cfg):
+                result = fit_or_explain(_trainer(spec, resources, callbacks), cfg.run, resources.bundle)
             return _finish(spec, result)
         finally:
             if tracked:
@@ -188,7 +189,16 @@ def _trainer(spec: WorkerSpec, resources: WorkerResources, callbacks: list | Non
             name=run.name, storage_path=run.storage, callbacks=callbacks,
             # A preempted node (drained by the cluster first, e.g. a reclaimed spot instance) has a budget of its
             # own, unlimited here: only other failures (a crash, a node lost without notice) use max_failures.
-            failure_config=ray.train.FailureConfig(max_failures=run.max_failures, max_preemption_failures=-1),
+            # controller_failure_limit counts the worker group's starts that failed or timed out (the only
+            # controller errors Ray retries), over the whole fit. A fixed-size run allows none: each start or
+            # restart waits up to run.start_timeout_s (cluster.start_timeout) for room, then the run stops in one
+            # line (Ray's -1 would retry a start that can never be placed forever). An elastic run keeps -1: Ray's
+            # elastic policy starts a group only at a size its view of the live nodes says fits (below its minimum
+            # it waits without starting one, which no limit bounds), so a start that times out was sized on a view
+            # gone stale (a node just lost, tests/test_faults.py's elastic test) and its retry asks for what fits;
+            # with 0 that first stale try would end the run.
+            failure_config=ray.train.FailureConfig(max_failures=run.max_failures, max_preemption_failures=-1,
+                                                   controller_failure_limit=-1 if run.elastic else 0),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints),
         ),
     )

@@ -1,7 +1,8 @@
 """How a run ends when something goes wrong (the Ray edge): one clear line saying what happened and what to do.
 
 Ray Train restarts a failed worker group from the latest checkpoint up to `run.max_failures` times; when it
-gives up, the driver raises `RunError` instead of a multi-page traceback.
+gives up, or a worker group does not start (within run.start_timeout_s), the driver raises `RunError` instead of a
+multi-page traceback.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import ray
 import ray.train
 
-from ray_resnet.errors import RunError
-from ray_resnet.raytrain.compat import worker_logs_dir
+from ray_resnet.config import RunConfig
+from ray_resnet.errors import RunError, WorkersNotStartedError
+from ray_resnet.raytrain.compat import worker_group_start_failure, worker_logs_dir
 
 
 def _first_cause(error: Exception) -> str:
@@ -22,13 +24,30 @@ def _first_cause(error: Exception) -> str:
     return f"{type(cause).__name__}: {text}"[:300]
 
 
-def fit_or_explain(trainer: ray.train.torch.TorchTrainer, max_failures: int) -> ray.train.Result:
-    """`trainer.fit()`, with Ray's give-up turned into one `RunError` line."""
+def fit_or_explain(trainer: ray.train.torch.TorchTrainer, run: RunConfig,
+                   bundle: dict[str, float]) -> ray.train.Result:
+    """`trainer.fit()`, with Ray's give-up turned into one `RunError` line (`bundle`: each worker's resources)."""
     try:
         return trainer.fit()
+    except ray.train.ControllerError as e:
+        failure = worker_group_start_failure(e.controller_failure)
+        if failure == "timeout":
+            raise WorkersNotStartedError(
+                f"no worker group of {run.workers_text} worker(s) x {bundle} started within run.start_timeout_s="
+                f"{run.start_timeout_s:g} s: the cluster never had room for them (add nodes, check the autoscaler's "
+                "logs and quotas, or lower --num-workers / run.cpus_per_worker / run.gpus_per_worker); rerun the "
+                "same command to resume, or raise --set run.start_timeout_s=N to wait longer") from None
+        if failure == "failed":
+            raise RunError(
+                f"the worker group of {run.workers_text} worker(s) x {bundle} failed to start ({_first_cause(e)}); "
+                f"worker logs: {worker_logs_dir()}; rerun the same command to resume") from None
+        raise _gave_up(e, run.max_failures) from None
     except ray.train.TrainingFailedError as e:
-        raise RunError(
-            f"training failed and Ray Train gave up after run.max_failures={max_failures} restart(s) "
-            f"({_first_cause(e)}); worker logs: {worker_logs_dir()}; rerun the same command to resume from the "
-            f"latest checkpoint, or raise --set run.max_failures=N"
-        ) from None
+        raise _gave_up(e, run.max_failures) from None
+
+
+def _gave_up(error: Exception, max_failures: int) -> RunError:
+    return RunError(
+        f"training failed and Ray Train gave up after run.max_failures={max_failures} restart(s) "
+        f"({_first_cause(error)}); worker logs: {worker_logs_dir()}; rerun the same command to resume from the "
+        f"latest checkpoint, or raise --set run.max_failures=N")

@@ -33,7 +33,15 @@ from ray import tune
 from ray_resnet import config as config_lib
 from ray_resnet.config import Config, flatten, merge, nest
 from ray_resnet.constants import CONFIG_FILE, SWEEP_FILE
-from ray_resnet.errors import ConfigError, DirInUseError, DivergedError, RunError, SweepError, UserError
+from ray_resnet.errors import (
+    ConfigError,
+    DirInUseError,
+    DivergedError,
+    RunError,
+    SweepError,
+    UserError,
+    WorkersNotStartedError,
+)
 from ray_resnet.io import lease, storage, tracking
 from ray_resnet.io.rundir import (
     SNAPSHOT_FILE,
@@ -319,6 +327,8 @@ def run_trial(trial_space: dict, sweep: Sweep, datasets: dict, command: list[str
         pass
     except DirInUseError:  # another driver writes that run dir: record nothing there; --resume reruns the trial
         raise
+    except WorkersNotStartedError:  # no room for its workers yet, maybe later: failed, and --resume reruns it
+        raise
     except UserError as e:  # deterministic (bad data for this trial's split, a worker's error): recorded, not rerun
         _record_trial_error(resolve_run(cfg), str(e))
 
@@ -423,7 +433,7 @@ def _run_sweep_held(sweep: Sweep, resume: bool, address: str | None) -> SweepOut
         max_concurrent = _max_concurrent(sweep)
         _check_stopped_trials_can_be_freed(sweep)
         results = _tuner(sweep, datasets, resume, max_concurrent).fit()
-    errors = [str(r.error).splitlines()[0][:300] for r in results if r.error]
+    errors = [_trial_error_line(r.error) for r in results if r.error]
     summaries = [r for r in (read_result(d) for d in trial_dirs(sweep.dir)) if r]
     errors += [f"{r.name}: {r.error}" for r in summaries if r.status == "error"]
     outcome = SweepOutcome(dir=sweep.dir, trials=trial_count(sweep), finished=sum(1 for r in summaries if r.finished),
@@ -433,6 +443,14 @@ def _run_sweep_held(sweep: Sweep, resume: bool, address: str | None) -> SweepOut
         ended = outcome.finished + outcome.diverged + len(errors) == outcome.trials
         tracking.end_run(tracked, "FINISHED" if ended else "KILLED", {SWEEP_FILE: storage.join(sweep.dir, SWEEP_FILE)})
     return outcome
+
+
+def _trial_error_line(error: Exception) -> str:
+    """A failed trial's own error in one line: Tune hands back Ray's task error, whose first line names the actor
+    and whose `cause` is the trial's exception."""
+    cause = getattr(error, "cause", None)
+    lines = [line for line in str(cause if isinstance(cause, Exception) else error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:300]
 
 
 def _open_tracking(sweep: Sweep) -> tracking.TrackedRun | None:
