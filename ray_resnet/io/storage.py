@@ -95,8 +95,9 @@ def parent(location: str) -> str:
     return posixpath.dirname(location.rstrip("/")) if is_uri(location) else os.path.dirname(location)
 
 
-def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
-    """(the pyarrow filesystem, the path inside it) of a location."""
+def filesystem(location: str | os.PathLike, retrying: bool = True) -> tuple[pafs.FileSystem, str]:
+    """(the pyarrow filesystem, the path inside it) of a location; an S3 one tries each request S3_ATTEMPTS times
+    unless not `retrying` (pyarrow's 3 tries: a first contact that fails says why in seconds)."""
     location = checked_uri(location)
     if not is_uri(location) or location.startswith("file://"):
         return pafs.LocalFileSystem(), absolute(location)
@@ -105,22 +106,41 @@ def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         raise StorageError(f"{parts.scheme}://...@{parts.netloc.rsplit('@', 1)[1]}{parts.path}: credentials in a URI "
                            "would be written to config.yaml and logs; set them in the environment (AWS_ACCESS_KEY_ID/"
                            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS) or use an instance role")
-    fs, root = _bucket(f"{parts.scheme}://{parts.netloc}", tuple(os.environ.get(k) for k in _CLIENT_ENV))
+    bucket = _retrying_bucket if retrying else _bucket
+    fs, root = bucket(f"{parts.scheme}://{parts.netloc}", tuple(os.environ.get(k) for k in _CLIENT_ENV))
     return fs, posixpath.join(root, parts.path.lstrip("/")).rstrip("/")
 
 
 @functools.lru_cache(maxsize=32)
 def _bucket(root_uri: str, client_env: tuple) -> tuple[pafs.FileSystem, str]:
     """One filesystem per bucket and endpoint setting: resolving one (e.g. an S3 bucket's region) costs a request."""
-    fs, root = _answered(root_uri, lambda: pafs.FileSystem.from_uri(root_uri))
-    return (_with_retries(fs) if isinstance(fs, pafs.S3FileSystem) else fs), root
+    return _answered(root_uri, lambda: pafs.FileSystem.from_uri(root_uri))
 
 
-def _with_retries(fs: pafs.S3FileSystem) -> pafs.S3FileSystem:
-    """`fs` (its region, endpoint and credentials as from_uri resolved them) trying each request S3_ATTEMPTS times.
-    The options come from its pickle form, which leaves the retry strategy out."""
-    options = fs.__reduce__()[1][0]
-    return pafs.S3FileSystem(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
+@functools.lru_cache(maxsize=32)
+def _retrying_bucket(root_uri: str, client_env: tuple) -> tuple[pafs.FileSystem, str]:
+    fs, root = _bucket(root_uri, client_env)
+    return (RetryingS3FileSystem(fs.__reduce__()[1][0]) if isinstance(fs, pafs.S3FileSystem) else fs), root
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """An S3FileSystem trying each request S3_ATTEMPTS times, also once pickled (Ray sends the run's filesystem to
+    its controller and workers; pyarrow's own pickle form leaves the retry strategy out). `options`: the keyword
+    arguments of an S3FileSystem (region, endpoint, credentials' source) as from_uri resolved them."""
+
+    def __init__(self, options: dict):
+        super().__init__(**options, retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS))
+        self.options = options
+
+    def __reduce__(self):
+        return type(self), (self.options,)
+
+
+def for_ray(location: str) -> tuple[str, pafs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for Ray's RunConfig: an S3 location as its bucket path with the retrying
+    filesystem (Ray's writes, its controller's included, then ride out what ours do), anything else as it is."""
+    fs, path = filesystem(location)
+    return (path, fs) if isinstance(fs, RetryingS3FileSystem) else (location, None)
 
 
 def _answered(location: str, call: Callable[[], T], bounded: bool = True) -> T:
@@ -402,8 +422,9 @@ def check_writable(location: str) -> None:
     """Write and delete a small file under `location`, so a missing bucket, refused credentials, a silent endpoint,
     or a local path that is a file, read-only or full fail here in one line, before any training starts (local
     directories it makes for the probe are removed again). The probe's name is unique: runs and sweep trials check
-    one storage at once."""
-    fs, path = filesystem(location)
+    one storage at once. Tried as pyarrow does (3 times): a wrong endpoint or missing credentials are reported in
+    seconds, and no request of this check is left retrying after its error."""
+    fs, path = filesystem(location, retrying=False)
     probe = posixpath.join(path, f".ray-resnet-write-check-{uuid.uuid4().hex}")
 
     def write_and_delete() -> None:

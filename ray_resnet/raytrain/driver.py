@@ -178,6 +178,7 @@ def _end_tracking(tracked: tracking.TrackedRun, cfg: Config, directory: str) -> 
 
 def _trainer(spec: WorkerSpec, resources: WorkerResources, callbacks: list | None) -> ray.train.torch.TorchTrainer:
     run = spec.config.run
+    storage_path, storage_filesystem = storage.for_ray(run.storage)  # an S3 bucket: with our retries
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker, train_loop_config={"spec": spec},
         torch_config=ray.train.torch.TorchConfig(timeout_s=int(run.collective_timeout_s)),  # a hung peer's bound
@@ -186,7 +187,7 @@ def _trainer(spec: WorkerSpec, resources: WorkerResources, callbacks: list | Non
             elastic_resize_monitor_interval_s=run.resize_interval_s, use_gpu=resources.use_gpu,
             resources_per_worker=resources.bundle, placement_strategy=run.placement_strategy),
         run_config=ray.train.RunConfig(
-            name=run.name, storage_path=run.storage, callbacks=callbacks,
+            name=run.name, storage_path=storage_path, storage_filesystem=storage_filesystem, callbacks=callbacks,
             # A preempted node (drained by the cluster first, e.g. a reclaimed spot instance) has a budget of its
             # own, unlimited here: only other failures (a crash, a node lost without notice) use max_failures.
             # controller_failure_limit counts the worker group's starts that failed or timed out (the only

@@ -41,7 +41,10 @@ def fit_or_explain(trainer: ray.train.torch.TorchTrainer, run: RunConfig,
             raise RunError(
                 f"the worker group of {run.workers_text} worker(s) x {bundle} failed to start ({_first_cause(e)}); "
                 f"worker logs: {worker_logs_dir()}; rerun the same command to resume") from None
-        raise _gave_up(e, run.max_failures) from None
+        # Ray retries no other controller error (e.g. its run-state write to the storage failing past the store's
+        # retries): max_failures played no part.
+        raise RunError(f"Ray Train's controller stopped the run ({_first_cause(e)}); rerun the same command to "
+                       "resume from the latest checkpoint") from None
     except ray.train.TrainingFailedError as e:
         raise _gave_up(e, run.max_failures) from None
 

@@ -501,7 +501,9 @@ def _tuner(sweep: Sweep, datasets: dict, resume: bool, max_concurrent: int) -> t
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep, datasets=datasets, command=sys.argv),
                                     {"memory": 1})
     if resume:
-        return tune.Tuner.restore(sweep.dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        sweep_path, filesystem = storage.for_ray(sweep.dir)  # an S3 bucket: with our retries
+        return tune.Tuner.restore(sweep_path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=filesystem)
     storage.write_text(storage.join(sweep.dir, SWEEP_FILE), yaml.safe_dump(sweep.as_dict(), sort_keys=False))
     scheduler = None
     if sweep.asha:
@@ -509,11 +511,13 @@ def _tuner(sweep: Sweep, datasets: dict, resume: bool, max_concurrent: int) -> t
         # last epoch: ASHA stops every trial that reaches max_t, before it could write its result.json.
         epochs = max(c.schedule.epochs for c in sweep.configs)
         scheduler = ASHAScheduler(time_attr="epoch", max_t=epochs + 1, **sweep.asha)
+    storage_path, storage_filesystem = storage.for_ray(sweep.storage)
     return tune.Tuner(
         trainable, param_space=_param_space(sweep),
         tune_config=tune.TuneConfig(metric=tune_metric(sweep), mode=MODE, num_samples=sweep.num_samples,
                                     max_concurrent_trials=max_concurrent, scheduler=scheduler,
                                     trial_dirname_creator=TrialDirname(sweep)),
-        run_config=tune.RunConfig(name=sweep.name, storage_path=sweep.storage, callbacks=[CSVLoggerCallback()],
+        run_config=tune.RunConfig(name=sweep.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                                  callbacks=[CSVLoggerCallback()],
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
