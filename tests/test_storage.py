@@ -103,9 +103,7 @@ def test_bad_storage_is_one_line_within_30_s_before_anything_runs(s3_env, tmp_pa
         silent.listen(8)
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
         line, seconds = _error(capsys, *train, "--storage", f"s3://{BUCKET}/runs")
-    # pyarrow's request timeout or ours, whichever ends first: either line names the endpoint setting
-    assert f"s3://{BUCKET}/runs: " in line and "AWS_ENDPOINT_URL" in line
-    assert "no answer from the object store in 20 s" in line or "cannot reach the object store" in line
+    assert f"s3://{BUCKET}/runs: no answer from the object store in 20 s" in line and "AWS_ENDPOINT_URL" in line
     assert seconds < 30
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     line, seconds = _error(capsys, *train, "--storage", f"s3://{BUCKET}/runs")
@@ -120,14 +118,15 @@ def test_a_store_failing_for_seconds_is_ridden_out(s3_env, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     base = f"s3://{BUCKET}/flaky"
     try:
+        written = ["kept.txt"]
         storage.write_text(f"{base}/kept.txt", "kept")
         for kind in ("503", "drop"):
             before = proxy.faulted[kind]
             proxy.fault(kind, 3)  # pyarrow's default 3 tries span about 2 s: this write would fail with them
             storage.write_text(f"{base}/{kind}.txt", kind)
+            written.append(f"{kind}.txt")
             proxy.fault(kind, 3)
-            assert storage.read_text(f"{base}/kept.txt") == "kept" and storage.list_names(base) == \
-                sorted(["kept.txt", *(k + ".txt" for k in ("503", "drop")[:("503", "drop").index(kind) + 1])])
+            assert storage.read_text(f"{base}/kept.txt") == "kept" and storage.list_names(base) == sorted(written)
             assert proxy.faulted[kind] - before >= 4  # both calls met the window and got through
     finally:
         proxy.stop()
