@@ -185,8 +185,8 @@ def _explain(location: str, error: Exception) -> str:
         hint = ("access was refused: check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
                 "the instance role; GOOGLE_APPLICATION_CREDENTIALS for gs://) and that they may use this bucket")
     elif any(k in low for k in ("http status 5", "slowdown", "service unavailable", "internalerror")):
-        hint = (f"the object store kept failing the request (an outage or throttling) after {S3_ATTEMPTS} tries; "
-                "check the store's status")
+        hint = ("the object store kept failing the request through its retries (an outage or throttling): "
+                "check its status")
     elif any(k in low for k in ("curlcode: 7", "could not connect", "connection refused", "resolve host",
                                 "timeout", "timed out", "network_connection")):
         hint = "cannot reach the object store: check the endpoint (AWS_ENDPOINT_URL for S3-compatible stores)"
