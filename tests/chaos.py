@@ -3,7 +3,7 @@ data in the tests' S3 endpoint reached through a FaultyProxy, while a seeded sch
 503 answers and of dropped connections, a killed training worker, a killed driver (the command is then rerun, as a
 user or a job retry would) and a killed node (a fresh one joins after it).
 
-`python tests/chaos.py DATA_URI STORAGE_URI SEED` prints one JSON line (prefixed `RESULT `): the faults with when
+`python tests/chaos.py SEED DATA_URI STORAGE_URI` prints one JSON line (prefixed `RESULT `): the faults with when
 they came and how long training took to commit a new checkpoint after each, and the drivers' logs. The test
 (tests/test_chaos.py) checks the run from its run dir. This process talks to the endpoint directly (the
 environment's AWS_ENDPOINT_URL); the run's processes talk to the proxy.
@@ -70,7 +70,7 @@ def training_workers(cluster: Cluster) -> list[psutil.Process]:
     return sorted(found, key=lambda p: p.pid)
 
 
-def main(data: str, storage: str, seed: int) -> dict:
+def main(seed: int, data: str, storage: str) -> dict:
     rng = random.Random(seed)
     faults = FAULTS[:]
     rng.shuffle(faults)
@@ -131,11 +131,11 @@ def _inject(kind: str, rng: random.Random, cluster: Cluster, proxy: FaultyProxy,
         old.proc.wait(30)
         drivers.append(Driver(cluster.address, data, storage, proxy.url, logs, len(drivers) + 1))
         return "SIGKILL, command rerun"
-    node = cluster.worker_nodes and sorted(cluster.worker_nodes, key=lambda n: n.node_id)[0]
+    node = sorted(cluster.worker_nodes, key=lambda n: n.node_id)[0]
     cluster.remove_node(node, allow_graceful=False)
     cluster.add_node(num_cpus=2, num_gpus=0, object_store_memory=OBJECT_STORE)
     return "removed without notice, a new node added"
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(main(sys.argv[1], sys.argv[2], int(sys.argv[3]))), flush=True)
+    print("RESULT " + json.dumps(main(int(sys.argv[1]), sys.argv[2], sys.argv[3])), flush=True)

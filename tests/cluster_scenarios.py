@@ -132,13 +132,14 @@ def committed_epoch(run_dir: Path | str) -> int:
         return 0
 
 
-def run_scenario(name: str, root: Path | str, storage: Path | str, env: dict | None = None) -> dict:
-    """This file's scenario `name` in a fresh Python process (with `env` added to its environment); its result
-    plus the whole log. `root` and `storage` may be URIs."""
+def run_scenario(name: str, root: Path | str, storage: Path | str, env: dict | None = None,
+                 script: str = __file__) -> dict:
+    """`script`'s (default: this file's) scenario `name` in a fresh Python process (with `env` added to its
+    environment); its result plus the whole log. `root` and `storage` may be URIs."""
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
-    repo = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, __file__, name, str(root), str(storage)],
+    tests = Path(__file__).resolve().parent
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tests.parent), str(tests), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, script, name, str(root), str(storage)],
                           env=env, capture_output=True, text=True, timeout=500, cwd=tempfile.mkdtemp())
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]

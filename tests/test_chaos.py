@@ -4,11 +4,7 @@ data in a real S3 endpoint on 127.0.0.1, reached through a proxy that injects th
 It must end finished as if nothing happened: every epoch and step once in TensorBoard, at most one epoch trained
 again per fault, best/ equal to the best state of the checkpoint it came from."""
 
-import os
 import re
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,23 +15,11 @@ from ray_resnet.core.checkpoint import load_checkpoint
 from ray_resnet.io import storage
 
 from chaos import EPOCHS, FAULTS, RECOVERY_LIMIT_S
+from cluster_scenarios import run_scenario
 from s3_server import BUCKET
 
 pytestmark = pytest.mark.ray
 SEED = 20261206
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _run_chaos(s3, data: str, storage_uri: str) -> dict:
-    import json
-
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **s3.env}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "chaos.py"), data, storage_uri, str(SEED)],
-                          env=env, capture_output=True, text=True, timeout=900, cwd=tempfile.mkdtemp())
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 def restarts(epochs_printed: list[int]) -> list[int]:
@@ -46,7 +30,7 @@ def restarts(epochs_printed: list[int]) -> list[int]:
 def test_a_run_through_six_seeded_faults_ends_as_if_nothing_happened(s3_env, real_cifar_small):
     data, runs = f"s3://{BUCKET}/chaos-data", f"s3://{BUCKET}/chaos-runs"
     storage.upload_dir(real_cifar_small, data)
-    out = _run_chaos(s3_env, data, runs)
+    out = run_scenario(str(SEED), data, runs, env=s3_env.env, script=str(Path(__file__).with_name("chaos.py")))
     run_dir = f"{runs}/chaos"
 
     assert out["returncode"] == 0, out["logs"][-1][-4000:]
