@@ -5,7 +5,9 @@ One algorithm for every store, because an object store through pyarrow has no co
 writes an object of its own, `<dir>/.lease/<id>.json` (host, pid, when), then lists `.lease/`. The holder is the
 earliest claim by the STORE's modification time (the server's clock: no client clock skew), ties broken by id. An
 object store keeps times in whole seconds and a PUT shows in listings only once complete, so the earliest waits
-`settle_s` and lists again before it counts itself the holder: two contenders within the same second then agree.
+`settle_s` and lists again before it counts itself the holder: two contenders within the same second then agree. A
+local dir's times have sub-millisecond resolution and a claim shows once renamed into place, so it settles for
+`local_settle_s`.
 Losers delete their claim and are refused. The holder rewrites `<id>.beat` every `beat_s`, so its claim's own time
 never changes. A claim counts as gone (and is deleted by the next contender, who may then take the dir) when its
 latest beat is older than `stale_s` by the store's clock, or at once when it comes from this machine and its process
@@ -34,6 +36,7 @@ from ray_resnet.io.storage import ListedFile
 LEASE_DIR = ".lease"
 CLAIM, BEAT = ".json", ".beat"
 STORE_TIME_RESOLUTION_S = 1.0  # S3 keeps modification times in whole seconds
+LOCAL_TIME_RESOLUTION_S = 0.01  # a kernel's coarse file clock ticks every 1-10 ms
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,14 @@ class Timing:
     storage.ANSWER_TIMEOUT_S (20 s) for a slow store before it fails, so 60 s is such a hung request plus 3 missed
     beats; a rerun on another machine after its driver died waits at most that minute (on the same machine: none).
     settle_s 2: an object store's 1 s time resolution plus the time a small PUT takes to show in a listing (less
-    than that resolution lets a claim of the same second as the holder's win the tie after the holder settled)."""
+    than that resolution lets a claim of the same second as the holder's win the tie after the holder settled).
+    local_settle_s 0.5: on a local dir a claim is written, then renamed into place; a contender descheduled between
+    the two (a loaded machine: tens of milliseconds) shows its earlier claim within that bound."""
 
     beat_s: float = 10.0
     stale_s: float = 60.0
     settle_s: float = 2.0
+    local_settle_s: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,9 @@ class Lease:
         self.claim = storage.join(self.lease_dir, self.id + CLAIM)
         self.beat = storage.join(self.lease_dir, self.id + BEAT)
         self.missing_dirs = [] if storage.is_uri(directory) else _missing_dirs(Path(directory))
+        on_store = storage.is_uri(directory)
+        self.settle_s = timing.settle_s if on_store else timing.local_settle_s
+        self.time_resolution_s = STORE_TIME_RESOLUTION_S if on_store else LOCAL_TIME_RESOLUTION_S
         self._released = threading.Event()
         self._beating: threading.Thread | None = None
 
@@ -177,8 +186,8 @@ class Lease:
             first, now_s = self._earliest_live()
             # A claim this new (this one's, or a contender's that may yet lose) may still be preceded by one of the
             # same second that does not show yet: look again once it would.
-            if first.id == self.id or now_s - first.claimed_s <= self.timing.settle_s + STORE_TIME_RESOLUTION_S:
-                time.sleep(self.timing.settle_s)
+            if first.id == self.id or now_s - first.claimed_s <= self.settle_s + self.time_resolution_s:
+                time.sleep(self.settle_s)
                 first, now_s = self._earliest_live()
             if first.id != self.id:
                 raise DirInUseError(self._refusal(first, now_s))
