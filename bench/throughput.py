@@ -210,13 +210,16 @@ class WorkerStamps(StepStamps):
     the memory of the whole process tree after the last step; written to a file per rank at the epoch's end."""
 
     def __init__(self, total: int, warmup: int):
+        import psutil
         import ray.train
         import ray.train.torch
 
         super().__init__(ray.train.torch.get_device(), total, warmup)
         self.rank = ray.train.get_context().get_world_rank()
         self.driver = int(os.environ[DRIVER_PID_ENV])
-        self.record: dict = {"rank": self.rank, "pid": os.getpid()}
+        # made once the worker holds the dataset, before its model: the stages of the time to the first step
+        self.record: dict = {"rank": self.rank, "pid": os.getpid(), "dataset_at": time.time(),
+                             "process_started_at": psutil.Process().create_time()}
 
     def step_end(self, step: int, images: int, loss: torch.Tensor, lr: float) -> None:
         super().step_end(step, images, loss, lr)
@@ -259,7 +262,11 @@ def run_ray(args: argparse.Namespace, workers: int) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"train_images_per_s": rank0["train_images_per_s"], "eval_images_per_s": rank0["eval_images_per_s"],
             "first_step_s": rank0["first_step_at"] - start, "ray_init_s": ray_init_s, "memory": rank0["memory"],
-            "helper_cores": rank0["helper_cores"]}
+            "helper_cores": rank0["helper_cores"],
+            "stages_s": {"ray.init": ray_init_s,
+                         "to the worker's process": rank0["process_started_at"] - start - ray_init_s,
+                         "to the worker's dataset": rank0["dataset_at"] - rank0["process_started_at"],
+                         "to the end of the first step": rank0["first_step_at"] - rank0["dataset_at"]}}
 
 
 # ------------------------------------------------------------------------------------------ the driver
@@ -347,6 +354,15 @@ def render(args: argparse.Namespace, host: dict, runs: dict[str, list[dict]], wa
         "(VmHWM) counts a shared page once per process that maps it. Helper CPU: cores used during the training "
         "steps by the path's other processes (a: the DataLoader workers; c: the driver and Ray's daemons and "
         "actors), taken from the cores the model trains on.",
+        "",
+        "Time to first step of c, by stage (medians, s): " + "; ".join(
+            f"{workers} worker{'s' if workers > 1 else ''}: " + ", ".join(
+                f"{stage} {statistics.median(r['stages_s'][stage] for r in runs[path]):.1f}"
+                for stage in runs[path][0]["stages_s"]) for path, workers in (("c1", 1), ("c2", 2)))
+        + ". To the worker's process: the driver's set-up (run-dir lease, dataset read and put into the object "
+        "store) and Ray Train's start of its controller and worker processes. To the worker's dataset: the "
+        "worker's Python start and imports (torch, Ray Train), Ray Train's process group, "
+        "the zero-copy `ray.get`. To the end of the first step: model, DDP, the first step.",
         "",
         "## Goals on this machine",
         "",
