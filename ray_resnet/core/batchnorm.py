@@ -4,9 +4,10 @@ With per-worker BatchNorm a run normalises over each worker's share of the batch
 16) and DDP keeps rank 0's running statistics: the training changes with the worker count. Global BatchNorm makes
 every worker normalise with the mean and variance of the whole global batch, and every rank's running statistics
 the same. One implementation for CPU (gloo) and CUDA (NCCL), `GlobalBatchNorm2d`: per layer, the per-channel
-sums are all-reduced as one tensor in forward and one (their gradients) in backward, and nothing is read back to
-the host. torch's SyncBatchNorm is not used: it refuses CPU tensors, and on CUDA it costs a host sync per layer (a
-boolean-mask index) and two blocking collectives per layer in forward.
+sums are summed over the ranks as one tensor in forward and one (their gradients) in backward (one all-gather
+each: collectives.sum_over_ranks), and nothing is read back to the host. torch's SyncBatchNorm is not used: it
+refuses CPU tensors, and on CUDA it costs a host sync per layer (a boolean-mask index) and two blocking collectives
+per layer in forward.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from ray_resnet.core.precision import at_least_fp32
 
 class _GlobalBatchNorm(torch.autograd.Function):
     """Batch normalisation of this rank's share with the statistics of the whole global batch, forward and backward
-    (the math of torch's SyncBatchNorm, whose kernels exist only for GPUs). Per-channel sums are all-reduced once
-    each way; the elementwise work runs in torch's fused kernels (batch_norm, addcmul), so it costs about what a
+    (the math of torch's SyncBatchNorm, whose kernels exist only for GPUs). Per-channel sums are summed over the
+    ranks once each way; the elementwise work runs in torch's fused kernels (batch_norm, addcmul), so it costs about what a
     local BatchNorm costs."""
 
     @staticmethod
