@@ -46,7 +46,7 @@ def _without_worker_restarts(file):
     """A sweep whose trials Tune stops (ASHA, an interrupt) runs with run.max_failures=0. Ray 2.60 marks a stopped
     trial's Train controller dead at once, which kills its workers; the controller process, still running for a
     moment, can take that for a worker failure and start a new worker group whose placement group then outlives it
-    (until the sweep's driver exits). With no restarts allowed it ends instead (seen once in CI)."""
+    (Ray Train's cleaner never heard of it). With no restarts allowed it ends instead (seen once in CI)."""
     sweep = yaml.safe_load(file.read_text())
     sweep["config"]["run"] = {**sweep["config"].get("run", {}), "max_failures": 0}
     _write(file, sweep)
