@@ -10,10 +10,16 @@
 3. The collective behind global BatchNorm: 2 gloo processes (1 thread each, as the 2 workers) sum a BatchNorm
    layer's statistics (64 channels: 193 float64 values) with `dist.all_reduce` and with `sum_over_ranks` (an
    all-gather, then the sum on each rank), interleaved, median ms per call.
+4. Where 2 workers lose against 1 on the same cores: ResNet-20 training steps of the engine's model (channels_last,
+   fp32, SGD; random CIFAR-shaped batches: speed does not depend on the pixels) without Ray, global batch 128: 1
+   process with 2 threads and with 1; 2 processes of 1 thread each training alone on 64 images; 2 DDP ranks (gloo)
+   with per-worker BatchNorm, with its gradient all-reduce left out (`no_sync`), and with global BatchNorm.
+   Interleaved repeats; a step's time is the slower rank's median.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import statistics
@@ -28,7 +34,9 @@ import torch.multiprocessing as mp
 from bench import throughput
 from ray_resnet.core.augment import augment
 from ray_resnet.core.batches import Step
+from ray_resnet.core.batchnorm import use_global_batchnorm
 from ray_resnet.core.collectives import sum_over_ranks
+from ray_resnet.core.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = throughput.BATCH
@@ -78,6 +86,58 @@ def time_collectives(calls: int = 400, repeats: int = 5) -> dict[str, float]:
         return dict(results)
 
 
+SPLITS = {  # how a global batch of 128 is trained on 2 cores: (processes, threads each, images per process, mode)
+    "1 process, 2 threads": (1, 2, BATCH, "alone"),
+    "1 process, 1 thread": (1, 1, BATCH, "alone"),
+    "2 processes of 1 thread, each alone on 64 images": (2, 1, BATCH // 2, "alone"),
+    "2 DDP ranks, per-worker BatchNorm": (2, 1, BATCH // 2, "ddp"),
+    "2 DDP ranks, gradient all-reduce left out (no_sync)": (2, 1, BATCH // 2, "ddp_no_sync"),
+    "2 DDP ranks, global BatchNorm": (2, 1, BATCH // 2, "ddp_global_bn"),
+}
+
+
+def _median_step_s(model: torch.nn.Module, images: int, steps: int, warmup: int, no_sync: bool = False) -> float:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(images, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (images,))
+    times = []
+    for _ in range(warmup + steps):
+        start = time.perf_counter()
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[warmup:])
+
+
+def _train_split(rank: int, split: str, port: int, steps: int, warmup: int, results) -> None:
+    processes, threads, images, mode = SPLITS[split]
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model("resnet20").to(memory_format=torch.channels_last)
+    if mode != "alone":
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=processes)
+        if mode == "ddp_global_bn":
+            model = use_global_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=mode != "ddp_global_bn")
+    results[rank] = _median_step_s(model, images, steps, warmup, no_sync=mode == "ddp_no_sync")
+    if mode != "alone":
+        dist.destroy_process_group()
+
+
+def time_split(split: str, steps: int, warmup: int) -> float:
+    """Training images/s of one way to split the global batch over the 2 cores (the slower process sets the pace)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_train_split, args=(split, port, steps, warmup, results), nprocs=SPLITS[split][0])
+        return BATCH / max(results.values())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = throughput.build_parser()
     parser.prog, parser.description = "python -m bench.scaling", __doc__.splitlines()[0]
@@ -104,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         augment_rows.append(f"| {share} of {BATCH} | {own * 1e3:.2f} | {whole * 1e3:.2f} | "
                             f"{(whole - own) * 1e3:+.2f} | {100 * (whole - own) / step_s:.1f} % |")
     collective_s = time_collectives()
+    splits: dict[str, list[float]] = {split: [] for split in SPLITS}
+    for _ in range(args.repeats):
+        for split in SPLITS:
+            splits[split].append(time_split(split, args.steps, args.warmup))
+    alone = statistics.median(splits["1 process, 2 threads"])
 
     lines = [
         "# Same training at any worker count: what it costs",
@@ -141,6 +206,17 @@ def main(argv: list[str] | None = None) -> int:
         f"with per-worker BatchNorm; {38 * collective_s['sum_over_ranks'] * 1e3:.0f} ms of the difference are these "
         "calls' own time. The rest is not measured apart: the float64 sums and the backward's own arithmetic, and "
         "each collective holding both ranks until the slower one arrives.",
+        "",
+        "## Where 2 workers lose against 1 on the same 2 cores (engine steps, no Ray)",
+        "",
+        "| how the global batch of 128 is trained | img/s | vs 1 process, 2 threads | per repeat |",
+        "|---|---:|---:|---|",
+        *(f"| {split} | {statistics.median(rates):,.0f} | {statistics.median(rates) / alone:.2f} | "
+          + ", ".join(f"{r:,.0f}" for r in rates) + " |" for split, rates in splits.items()),
+        "",
+        "Splitting the batch between two 1-thread processes, and DDP's gradient all-reduce, cost what the rows "
+        "above say against one process using both cores; global BatchNorm's collectives are the last row's "
+        "difference to per-worker BatchNorm. Ray Train's path adds its own processes on top (the first table).",
         "",
         "## Augmentation draws for the whole global batch",
         "",
