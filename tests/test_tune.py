@@ -42,14 +42,11 @@ def _write(path, sweep):
     return path
 
 
-def _without_worker_restarts(file):
-    """A sweep whose trials Tune stops (ASHA, an interrupt) runs with run.max_failures=0. Ray 2.60 marks a stopped
-    trial's Train controller dead at once, which kills its workers; the controller process, still running for a
-    moment, can take that for a worker failure and start a new worker group whose placement group then outlives it
-    (Ray Train's cleaner never heard of it). With no restarts allowed it ends instead (seen once in CI)."""
-    sweep = yaml.safe_load(file.read_text())
-    sweep["config"]["run"] = {**sweep["config"].get("run", {}), "max_failures": 0}
-    _write(file, sweep)
+# A sweep whose trials Tune stops (ASHA, an interrupt) runs with run.max_failures=0. Ray 2.60 marks a stopped trial's
+# Train controller dead at once, which kills its workers; the controller process, still running for a moment, can
+# take that for a worker failure and start a new worker group whose placement group then outlives it (Ray Train's
+# cleaner never heard of it). With no restarts allowed it ends instead (seen once in CI).
+NO_WORKER_RESTARTS = {"max_failures": 0}
 
 
 def _hparam_names(run_dir):
@@ -147,11 +144,11 @@ def test_a_trial_that_cannot_fit_fails_before_any_trial_starts(real_cifar_small,
 @pytest.mark.usefixtures("ray_local")
 def test_grid_sweep_interrupted_resumed_and_reported(real_cifar_small, tmp_path, capsys):
     file = _write(tmp_path / "grid.yaml", {
-        "name": "grid", "config": {**TINY, "data": {**TINY["data"], "root": str(real_cifar_small)}},
+        "name": "grid", "config": {**TINY, "data": {**TINY["data"], "root": str(real_cifar_small)},
+                                   "run": NO_WORKER_RESTARTS},
         "grid": {"model": ["resnet20", "plain20"], "seed": [0, 1]},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1},
     })
-    _without_worker_restarts(file)
     args = ["sweep", "-c", str(file), "--storage", str(tmp_path / "sweeps")]
     sweep_dir = tmp_path / "sweeps" / "grid"
 
@@ -222,12 +219,11 @@ def test_asha_stops_a_bad_learning_rate_early(tmp_path):
         "name": "asha",
         "config": {**TINY, "model": "resnet20", "schedule": {"epochs": 2, "warmup_epochs": 0, "milestones": []},
                    "optim": {"batch_size": 32}, "data": {"root": str(tmp_path / "easy")},
-                   "perf": {"eval_batch_size": 100}},
+                   "perf": {"eval_batch_size": 100}, "run": NO_WORKER_RESTARTS},
         "grid": {"optim.lr": [0.01, 1.0e-7]},  # one trial at a time, the good lr first
         "scheduler": {"asha": {**shipped["scheduler"]["asha"], "grace_period": 1, "reduction_factor": 2}},
         "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_concurrent_trials": 1},
     })
-    _without_worker_restarts(file)
     sweep = load_sweep(file, storage=str(tmp_path / "sweeps"))
     outcome = run_sweep(sweep)
     assert not outcome.errors
