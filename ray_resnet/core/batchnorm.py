@@ -23,8 +23,8 @@ from ray_resnet.core.precision import at_least_fp32
 class _GlobalBatchNorm(torch.autograd.Function):
     """Batch normalisation of this rank's share with the statistics of the whole global batch, forward and backward
     (the math of torch's SyncBatchNorm, whose kernels exist only for GPUs). Per-channel sums are summed over the
-    ranks once each way; the elementwise work runs in torch's fused kernels (batch_norm, addcmul), so it costs about what a
-    local BatchNorm costs."""
+    ranks once each way; the elementwise work runs in torch's fused kernels (batch_norm, addcmul), so it costs about
+    what a local BatchNorm costs."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float):

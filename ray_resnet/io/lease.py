@@ -168,8 +168,8 @@ class Lease:
         self.lease_dir = storage.join(directory, LEASE_DIR)
         self.claim = storage.join(self.lease_dir, self.id + CLAIM)
         self.beat = storage.join(self.lease_dir, self.id + BEAT)
-        self.missing_dirs = [] if storage.is_uri(directory) else _missing_dirs(Path(directory))
         on_store = storage.is_uri(directory)
+        self.missing_dirs = [] if on_store else _missing_dirs(Path(directory))
         self.settle_s = timing.settle_s if on_store else timing.local_settle_s
         self.time_resolution_s = STORE_TIME_RESOLUTION_S if on_store else LOCAL_TIME_RESOLUTION_S
         self._released = threading.Event()
