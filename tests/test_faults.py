@@ -387,6 +387,33 @@ def test_a_hung_peer_is_bounded_by_the_collective_timeout_and_the_run_recovers(r
 
 
 @pytest.mark.usefixtures("ray_local")
+def test_a_lost_peer_is_told_apart_by_asking_ray():
+    """A worker whose collective failed asks Ray what became of its peers: a killed peer on a live node is said at
+    once, and a live peer only at the limit (the lost-node case runs in test_chaos and the removed-node test)."""
+    import ray
+
+    from ray_resnet.raytrain.compat import wait_for_ray_to_see_a_lost_peer
+
+    @ray.remote(num_cpus=0)
+    class Peer:
+        def where(self):
+            context = ray.get_runtime_context()
+            return context.get_actor_id(), context.get_node_id(), os.getpid()
+
+        def wait_for(self, peers, limit_s):
+            start = time.monotonic()
+            return wait_for_ray_to_see_a_lost_peer(peers, limit_s), time.monotonic() - start
+
+    survivor, peer = Peer.remote(), Peer.remote()
+    actor, node, pid = ray.get(peer.where.remote())
+    assert ray.get(survivor.wait_for.remote({actor: node}, 1.0))[0] == "unknown"
+    os.kill(pid, signal.SIGKILL)
+    lost, waited = ray.get(survivor.wait_for.remote({actor: node}, 60.0))
+    assert lost == "process" and waited < 30  # not the limit: Ray's answer ended the wait
+    ray.kill(survivor)
+
+
+@pytest.mark.usefixtures("ray_local")
 def test_half_written_checkpoint_is_never_resumed_from_and_a_damaged_one_is_passed_over(real_cifar_small, tmp_path,
                                                                                           capsys):
     run_dir = tmp_path / "half"

@@ -46,17 +46,31 @@ def worker_group_start_failure(controller_failure: Exception) -> str | None:
     return _START_FAILURES.get(type(controller_failure).__name__)
 
 
-def wait_for_ray_to_see_a_lost_node(peer_nodes: set[str], limit_s: float) -> bool:
-    """After a collective failed because a peer's process vanished: poll Ray's view of the nodes (every 0.5 s, at
-    most `limit_s`) until one of `peer_nodes` is gone, then give Ray's controller the rest of the time to stop this
-    worker for it, so the loss is booked as what it was (a preempted node: the preemption budget) and not as this
-    worker's error (run.max_failures). Returns whether a lost node was seen; a peer whose node is alive (a crashed
-    process) is reported at the limit."""
+def wait_for_ray_to_see_a_lost_peer(peers: dict[str, str], limit_s: float) -> str:
+    """After a collective failed because a peer vanished, ask Ray what became of the peers (`peers`: the other
+    ranks' actor ids and their node ids), every 0.5 s for at most `limit_s`. Returns:
+    - "node": a peer's node is gone. This worker then waits out `limit_s`, in which Ray's controller stops it for the
+      lost node, so the loss is booked as what it was (a preempted node: the preemption budget) and not as this
+      worker's error (run.max_failures);
+    - "process": a peer's process died on a live node (a crash, a kill), said at once: a worker failure either way;
+    - "unknown": neither within `limit_s` (every peer still alive: a network fault)."""
     deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
-        alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
-        if peer_nodes - alive:
+        dead = [actor for actor in peers if _actor_state(actor) == "DEAD"]  # before the nodes: Ray marks a lost
+        alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}  # node dead before the actors on it
+        if set(peers.values()) - alive:
             time.sleep(max(0.0, deadline - time.monotonic()))  # Ray stops this worker meanwhile
-            return True
+            return "node"
+        if dead:
+            return "process"
         time.sleep(PEER_CHECK_EVERY_S)
-    return False
+    return "unknown"
+
+
+def _actor_state(actor_id: str) -> str:
+    """An actor's state in Ray's GCS ("ALIVE", "RESTARTING", "DEAD", ...), read without the dashboard; "" where a
+    later Ray moved the call."""
+    try:
+        return ray._private.state.actors(actor_id=actor_id).get("State", "")
+    except (AttributeError, TypeError):
+        return ""

@@ -31,7 +31,7 @@ from ray_resnet.errors import CheckpointError, StorageError, UserError
 from ray_resnet.io import environment, storage
 from ray_resnet.io.rundir import record_duration, record_worker_group
 from ray_resnet.io.tracking import MetricLog, TrackedRun
-from ray_resnet.raytrain.compat import quiet_ray_train_logs, wait_for_ray_to_see_a_lost_node
+from ray_resnet.raytrain.compat import quiet_ray_train_logs, wait_for_ray_to_see_a_lost_peer
 
 # How gloo and NCCL collectives fail on the surviving ranks when another rank's process is gone, and how long a
 # survivor waits at most (seconds) for Ray to see the lost rank's own death first.
@@ -73,9 +73,9 @@ class Outcome:
 def train_loop_per_worker(loop_config: dict) -> Outcome:
     """Runs on every Ray Train worker (`loop_config`: {"spec": WorkerSpec}, Ray's envelope)."""
     spec: WorkerSpec = loop_config["spec"]
-    peer_nodes: set[str] = set()  # the other ranks' nodes, once gathered
+    peers: dict[str, str] = {}  # the other ranks' actor ids and node ids, once gathered
     try:
-        return _train_worker(spec, peer_nodes)
+        return _train_worker(spec, peers)
     except StorageError as e:  # the store failed mid-run (a 503, a stall), on rank 0 alone: not the user's to fix
         raise RuntimeError(f"storage failed during the run (restarted from the last checkpoint up to run.max_failures "
                            f"times): {e}") from None
@@ -83,11 +83,11 @@ def train_loop_per_worker(loop_config: dict) -> Outcome:
         return Outcome("error", error=str(e))
     except RuntimeError as e:
         if any(sign in str(e) for sign in PEER_LOST):  # a peer vanished mid-collective: its node may be lost
-            wait_for_ray_to_see_a_lost_node(peer_nodes, PEER_LOST_WAIT_S)
+            wait_for_ray_to_see_a_lost_peer(peers, PEER_LOST_WAIT_S)
         raise
 
 
-def _train_worker(spec: WorkerSpec, peer_nodes: set[str]) -> Outcome:
+def _train_worker(spec: WorkerSpec, peers: dict[str, str]) -> Outcome:
     cfg = spec.config
     context = ray.train.get_context()  # [Ray 1] this worker's rank and device
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -101,8 +101,7 @@ def _train_worker(spec: WorkerSpec, peer_nodes: set[str]) -> Outcome:
     training = build_training(cfg, device, steps, world, wrap=lambda model, **ddp: ray.train.torch.prepare_model(
         model, parallel_strategy_kwargs=ddp))  # [Ray 3] DDP
     progress = _restore(ray.train.get_checkpoint(), training, rank, spec)  # [Ray 4] resume
-    workers = _gather_workers(rank, device, cfg.perf.amp)
-    peer_nodes.update(w["node_id"] for w in workers if w["node_id"] != workers[rank]["node_id"])
+    workers = _gather_workers(rank, device, cfg.perf.amp, peers)
     rank0 = _rank0_hooks(spec, workers, progress.epoch, steps) if rank == 0 else []
     report = ReportToRay(rank, spec.run_dir, {"worker_nodes": [w["node_id"] for w in workers],
                                               "params": training.params})
@@ -143,10 +142,14 @@ def _restore(checkpoint: ray.train.Checkpoint | None, training, rank: int, spec:
     return progress
 
 
-def _gather_workers(rank: int, device: torch.device, amp: str) -> list[dict]:
-    """Every rank's node, CPU, GPU and training precision (environment.worker), in rank order."""
-    node = ray.get_runtime_context().get_node_id()
-    return gather_objects(environment.worker(rank, node, device, training_precision(device, amp)))
+def _gather_workers(rank: int, device: torch.device, amp: str, peers: dict[str, str]) -> list[dict]:
+    """Every rank's node, CPU, GPU and training precision (environment.worker), in rank order; `peers` gets the
+    other ranks' Ray actor ids and node ids, to ask Ray about a peer that vanishes."""
+    context = ray.get_runtime_context()
+    record = environment.worker(rank, context.get_node_id(), device, training_precision(device, amp))
+    gathered = gather_objects((record, context.get_actor_id()))
+    peers.update({actor: worker["node_id"] for other, (worker, actor) in enumerate(gathered) if other != rank})
+    return [worker for worker, _ in gathered]
 
 
 def _rank0_hooks(spec: WorkerSpec, workers: list[dict], resumed_epoch: int, steps: int) -> list[Hooks]:
