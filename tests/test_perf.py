@@ -1,6 +1,8 @@
 """The fast paths compute what the plain path computes: bf16 autocast, torch.compile, batched augmentation, and
 (on CUDA only) a training step without host syncs. No timings here: speed lives in bench/throughput.py."""
 
+import os
+import socket
 import warnings
 
 import pytest
@@ -12,10 +14,12 @@ from ray_resnet.core.batches import epoch_batches
 from ray_resnet.core.models import build_model
 from ray_resnet.core.precision import autocast, training_precision
 from ray_resnet.core.steps import (
+    CPU_COMPILE_MIN_STEPS,
     LabeledImages,
     StepSettings,
     Training,
     compile_model,
+    compiles,
     make_optimizer,
     make_scheduler,
     train_one_epoch,
@@ -29,14 +33,14 @@ def _tiny_data(n, seed=0):
     return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(n) % 4
 
 
-def _one_step(model_name, images, labels, device="cpu", compile="off", **perf):
+def _one_step(model_name, images, labels, device="cpu", compiled=False, **perf):
     """Weights before, weights after and the metrics of one training step from seed 0."""
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=4).to(device, memory_format=torch.channels_last)
     before = [p.detach().clone() for p in model.parameters()]
     opt = make_optimizer(model, OptimConfig(lr=0.1))
     sched = make_scheduler(opt, 0.1, NO_WARMUP, 1)
-    training = Training(compile_model(model, torch.device(device), compile), opt, sched, core=model)
+    training = Training(compile_model(model, torch.device(device), compiled), opt, sched, core=model)
     metrics = train_one_epoch(training, LabeledImages(images, labels), epoch_batches(len(labels), len(labels), 1, 0, 0, 0),
                               torch.Generator(device).manual_seed(0), StepSettings(**perf))
     return before, [p.detach() for p in model.parameters()], metrics
@@ -69,13 +73,34 @@ def test_auto_precision_is_bf16_only_on_cpus_with_bf16_matrix_units(monkeypatch,
 
 def test_compile_switch():
     model = build_model("resnet20")
-    assert compile_model(model, torch.device("cpu"), "off") is model
-    assert compile_model(model, torch.device("cpu"), "auto") is model  # auto compiles on CUDA only
-    compiled = compile_model(model, torch.device("cpu"), "on")
+    assert compile_model(model, torch.device("cpu"), False) is model
+    compiled = compile_model(model, torch.device("cpu"), True)
     assert compiled is not model and list(compiled.parameters())[0] is list(model.parameters())[0]
-    # torch.compile is lazy (nothing runs on the device here): auto compiles one CUDA worker, not several
-    assert compile_model(model, torch.device("cuda"), "auto", world=1) is not model
-    assert compile_model(model, torch.device("cuda"), "auto", world=2) is model
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_auto_compiles_where_measured_to_pay(monkeypatch, amx):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": amx})
+    cpu, cuda, long_run = torch.device("cpu"), torch.device("cuda"), CPU_COMPILE_MIN_STEPS
+    assert [compiles(setting, cpu) for setting in ("on", "off")] == [True, False]
+    # CPU: bf16 on AMX, for runs long enough to win back the compile; fp32 and emulated bf16 never
+    assert compiles("auto", cpu, 1, "bf16", long_run) == amx and compiles("auto", cpu, 2, "bf16", long_run) == amx
+    assert not compiles("auto", cpu, 1, "bf16", long_run - 1)
+    assert not compiles("auto", cpu, 1, "fp32", 100 * long_run)
+    # CUDA: one worker; several stay eager (compile + DDP + global BatchNorm has not run on GPUs yet)
+    assert compiles("auto", cuda, world=1) and not compiles("auto", cuda, world=2)
+
+
+def test_the_seed_recipe_on_an_amx_cpu_compiles_and_a_short_run_does_not(monkeypatch):
+    from ray_resnet.config import load_config
+    from ray_resnet.core.loop import build_training
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
+    cpu = torch.device("cpu")
+    assert build_training(load_config(None, ["perf.compile=auto"]), cpu, 391).compiled  # 200 epochs of 391 steps
+    short = ["perf.compile=auto", "schedule.epochs=3", "schedule.warmup_epochs=0", "schedule.milestones=[]"]
+    assert not build_training(load_config(None, short), cpu, 391).compiled
+    assert not build_training(load_config(None, []), cpu, 391).compiled  # the default: off
 
 
 def test_an_epochs_tail_batch_gets_a_static_graph_of_its_own_compiled_once():
@@ -86,7 +111,7 @@ def test_an_epochs_tail_batch_gets_a_static_graph_of_its_own_compiled_once():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 4))
     opt = make_optimizer(model, OptimConfig(lr=0.1))
-    training = Training(compile_model(model, torch.device("cpu"), "on"), opt, make_scheduler(opt, 0.1, NO_WARMUP, 2),
+    training = Training(compile_model(model, torch.device("cpu"), True), opt, make_scheduler(opt, 0.1, NO_WARMUP, 2),
                         core=model)
     images, labels = _tiny_data(24)
     torch._dynamo.reset()
@@ -115,7 +140,7 @@ def test_compiled_step_matches_the_eager_step():
     # resnet8 (one block per stage): compiling forward + backward of resnet20 takes minutes on 2 CPU cores.
     images, labels = _tiny_data(16)
     _, eager, _ = _one_step("resnet8", images, labels, amp="fp32")
-    _, compiled, _ = _one_step("resnet8", images, labels, compile="on", amp="fp32")
+    _, compiled, _ = _one_step("resnet8", images, labels, compiled=True, amp="fp32")
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # inductor's kernels sum in another order (float32)
 
@@ -181,3 +206,45 @@ def test_global_batchnorm_math_does_not_sync_the_host_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert not [w for w in caught if "synchronizing" in str(w.message)]
+
+
+def _ddp_losses(rank, port, compiled, losses):
+    """Rank `rank` of 2 gloo processes: 3 steps of resnet8 under DDP with BatchNorm over the global batch."""
+    import torch.distributed as dist
+
+    from ray_resnet.core.batchnorm import use_global_batchnorm
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = use_global_batchnorm(build_model("resnet8").to(memory_format=torch.channels_last))
+    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    net = compile_model(ddp, torch.device("cpu"), compiled)
+    optimizer = make_optimizer(model, OptimConfig(lr=0.1))
+    images, labels = _tiny_data(32, seed=rank)
+    x = images.float().div(255).contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(x), labels)
+        loss.backward()
+        optimizer.step()
+        losses[(rank, compiled)] = losses.get((rank, compiled), []) + [loss.item()]
+    dist.destroy_process_group()
+
+
+def test_compile_with_ddp_and_global_batchnorm_matches_eager():
+    """The autograd Function behind global BatchNorm calls a collective in forward and backward: torch.compile
+    must keep both, under DDP, on CPU workers (where perf.compile=on is allowed)."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        losses = manager.dict()
+        for compiled in (False, True):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            mp.spawn(_ddp_losses, args=(port, compiled, losses), nprocs=2)
+        for rank in (0, 1):
+            assert len(losses[(rank, True)]) == 3
+            torch.testing.assert_close(losses[(rank, True)], losses[(rank, False)], rtol=1e-4, atol=1e-5)

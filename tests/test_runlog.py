@@ -7,7 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from test_fit import Recorder, _cfg, _data, _training
 
 from ray_resnet.core.loop import fit
-from ray_resnet.core.runlog import FIRST_PROGRESS_S, ProgressLines, RunLog, progress_every_s
+from ray_resnet.core.runlog import FIRST_PROGRESS_S, CompileNote, ProgressLines, RunLog, progress_every_s
 from ray_resnet.core.steps import lr_at
 
 
@@ -101,3 +101,13 @@ def test_progress_lines_on_a_terminal_come_every_5_s_and_never_in_short_epochs()
     assert not any("step 30/30" in line for _, line in lines)  # the epoch line follows the last step
     assert len(lines) == 6  # 15 s of steps per epoch: steps 11 and 21 of each
     assert _run_lines(60.0, steps_per_epoch=20, epochs=3, eval_s=1.0) == []  # 10 s epochs: the epoch lines suffice
+
+
+def test_a_compiled_models_first_step_is_announced_and_timed(capsys):
+    now = [100.0]
+    note = CompileNote(clock=lambda: now[0])
+    assert capsys.readouterr().out == "torch.compile: compiling the training step in the first step (perf.compile)\n"
+    now[0] += 36.2
+    note.step_end(1, 128, torch.tensor(2.3), 0.1)
+    note.step_end(2, 128, torch.tensor(2.2), 0.1)  # said once
+    assert capsys.readouterr().out == "torch.compile: first step done in 36.2 s, compilation included\n"

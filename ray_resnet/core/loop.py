@@ -24,11 +24,13 @@ from ray_resnet.core.batchnorm import use_global_batchnorm
 from ray_resnet.core.checkpoint import CheckpointState, Progress
 from ray_resnet.core.collectives import broadcast_from_first_rank
 from ray_resnet.core.models import build_model
+from ray_resnet.core.precision import training_precision
 from ray_resnet.core.steps import (
     LabeledImages,
     StepSettings,
     Training,
     compile_model,
+    compiles,
     evaluate,
     make_optimizer,
     make_scheduler,
@@ -132,7 +134,8 @@ class Diverged:
 def build_training(cfg: Config, device: torch.device, steps_per_epoch: int, world: int = 1,
                    wrap: Callable[..., nn.Module] = lambda model, **ddp: model) -> Training:
     """The seeded model on `device` (channels_last if asked; BatchNorm over the global batch when `world` > 1 and
-    cfg.batchnorm is "global"), wrapped by `wrap(model, **DDP keyword arguments)` (e.g. for DDP), compiled if asked.
+    cfg.batchnorm is "global"), wrapped by `wrap(model, **DDP keyword arguments)` (e.g. for DDP), compiled where
+    perf.compile says (steps.compiles).
     """
     torch.manual_seed(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
     core = build_model(cfg.model, NUM_CLASSES[cfg.data.dataset]).to(device)
@@ -144,9 +147,11 @@ def build_training(cfg: Config, device: torch.device, steps_per_epoch: int, worl
     # Global BN keeps every rank's statistics equal: DDP's broadcast of the buffers before every step is not needed.
     wrapped = wrap(core, broadcast_buffers=not global_bn)
     optimizer = make_optimizer(wrapped, cfg.optim)
-    return Training(model=compile_model(wrapped, device, cfg.perf.compile, cfg.perf.cuda_graphs, world),
-                    optimizer=optimizer, core=core,
-                    scheduler=make_scheduler(optimizer, cfg.optim.lr, cfg.schedule, steps_per_epoch))
+    compiled = compiles(cfg.perf.compile, device, world, training_precision(device, cfg.perf.amp),
+                        steps_per_epoch * cfg.schedule.epochs)
+    return Training(model=compile_model(wrapped, device, compiled, cfg.perf.cuda_graphs), optimizer=optimizer,
+                    scheduler=make_scheduler(optimizer, cfg.optim.lr, cfg.schedule, steps_per_epoch), core=core,
+                    compiled=compiled)
 
 
 def steps_per_epoch(cfg: Config, num_train: int, world: int) -> int:

@@ -91,6 +91,21 @@ class ProgressLines:
         self.quiet_since = self.clock()
 
 
+class CompileNote(Hooks):
+    """Rank 0's lines around a compiled model's first step, which runs torch.compile (35-60 s on 2 CPU cores, a few
+    seconds with inductor's cache warm): said before, so a quiet start is not taken for a hang, and timed after."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        print("torch.compile: compiling the training step in the first step (perf.compile)", flush=True)
+        self.clock, self.start, self.said = clock, clock(), False
+
+    def step_end(self, step: int, images: int, loss: torch.Tensor, lr: float) -> None:
+        if not self.said:
+            print(f"torch.compile: first step done in {self.clock() - self.start:.1f} s, compilation included",
+                  flush=True)
+            self.said = True
+
+
 class RunLog(Hooks):
     """The console and TensorBoard side of one run attempt, which starts after `start_epoch` finished epochs.
 

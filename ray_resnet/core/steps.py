@@ -19,7 +19,7 @@ from ray_resnet.config import Config, OptimConfig, ScheduleConfig
 from ray_resnet.core.augment import augment, normalize
 from ray_resnet.core.batches import Step
 from ray_resnet.core.collectives import global_sums, world_size
-from ray_resnet.core.precision import at_least_fp32, autocast
+from ray_resnet.core.precision import at_least_fp32, autocast, native_bf16
 
 
 def lr_at(epoch: float, base_lr: float, schedule: ScheduleConfig) -> float:
@@ -47,16 +47,36 @@ def make_scheduler(optimizer: torch.optim.Optimizer, base_lr: float, schedule: S
     )
 
 
-def compile_model(model: nn.Module, device: torch.device, compile: str = "auto", cuda_graphs: bool = False,
-                  world: int = 1) -> nn.Module:
-    """`model` under torch.compile when asked ("on", or "auto" on one CUDA worker), else `model` itself.
+# torch.compile on CPU, measured side by side with eager (bench/COMPILE.md; steady img/s compiled / eager, and
+# the first compile in seconds, 2 cores). It pays only with bf16 on AMX: Intel Xeon, ResNet-20, 1.14x after a 35 s
+# compile (2,300 steps to break even). fp32 and emulated bf16 (AMD EPYC, ResNet-20 and -56, 1 and 2 workers)
+# trained at 0.93-1.09x, within that machine's noise, after 36-60 s: never worth it.
+CPU_COMPILE_PAYS = {"bf16": True, "fp32": False}
+# auto compiles on CPU for runs of at least this many steps: twice the measured break-even, since a deeper net or
+# several workers per node take longer to compile (one compile per worker process, sharing the cores).
+CPU_COMPILE_MIN_STEPS = 5000
+
+
+def compiles(compile: str, device: torch.device, world: int = 1, precision: str = "fp32",
+             total_steps: int = 0) -> bool:
+    """Whether the training step is compiled: "on"; "auto" on one CUDA worker, or on CPU where measured to pay
+    (bf16 on a CPU with AMX, for a run of CPU_COMPILE_MIN_STEPS steps or more)."""
+    if compile != "auto":
+        return compile == "on"
+    if device.type == "cuda":
+        return world == 1  # compile + DDP + global BatchNorm has not run on GPUs yet (the driver refuses "on")
+    return (device.type == "cpu" and CPU_COMPILE_PAYS.get(precision, False) and native_bf16(device)
+            and total_steps >= CPU_COMPILE_MIN_STEPS)
+
+
+def compile_model(model: nn.Module, device: torch.device, compiled: bool, cuda_graphs: bool = False) -> nn.Module:
+    """`model` under torch.compile if `compiled` (see `compiles`), else `model` itself.
 
     Compiled for static shapes: an epoch's tail batch (80 images of 50,000 at batch 128) gets a graph of its own,
-    compiled once, instead of recompiling every step's graph for a dynamic batch size. Several CUDA workers stay
-    eager under "auto": compile with DDP and global BatchNorm has not run on GPUs yet (the driver refuses "on" there).
-    The compiled wrapper shares parameters and buffers with `model`: checkpoint and evaluate the eager module.
+    compiled once, instead of recompiling every step's graph for a dynamic batch size. The compiled wrapper shares
+    parameters and buffers with `model`: checkpoint and evaluate the eager module.
     """
-    if compile == "off" or (compile == "auto" and (device.type != "cuda" or world > 1)):
+    if not compiled:
         return model
     return torch.compile(model, dynamic=False, mode="reduce-overhead" if cuda_graphs and device.type == "cuda" else None)
 
@@ -105,6 +125,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     core: nn.Module | None = None  # the module itself, evaluated and checkpointed (default: `model`)
+    compiled: bool = False  # `model` is under torch.compile: its first step compiles it
 
     def __post_init__(self):
         self.core = self.core if self.core is not None else self.model

@@ -26,7 +26,7 @@ from ray_resnet.core.collectives import gather_objects
 from ray_resnet.core.gpushare import cap_gpu_memory
 from ray_resnet.core.loop import Diverged, Hooks, Splits, build_training, fit, select_splits, steps_per_epoch
 from ray_resnet.core.precision import training_precision
-from ray_resnet.core.runlog import RunLog
+from ray_resnet.core.runlog import CompileNote, RunLog
 from ray_resnet.errors import CheckpointError, StorageError, UserError
 from ray_resnet.io import environment, storage
 from ray_resnet.io.rundir import record_duration, record_worker_group
@@ -102,7 +102,7 @@ def _train_worker(spec: WorkerSpec, peers: dict[str, str]) -> Outcome:
         model, parallel_strategy_kwargs=ddp))  # [Ray 3] DDP
     progress = _restore(ray.train.get_checkpoint(), training, rank, spec)  # [Ray 4] resume
     workers = _gather_workers(rank, device, cfg.perf.amp, peers)
-    rank0 = _rank0_hooks(spec, workers, progress.epoch, steps) if rank == 0 else []
+    rank0 = _rank0_hooks(spec, workers, progress.epoch, steps, training.compiled) if rank == 0 else []
     report = ReportToRay(rank, spec.run_dir, {"worker_nodes": [w["node_id"] for w in workers],
                                               "params": training.params})
     diverged = fit(cfg, training, data, rank=rank, world=world, progress=progress, hooks=[*rank0, report, *extra])
@@ -152,15 +152,16 @@ def _gather_workers(rank: int, device: torch.device, amp: str, peers: dict[str, 
     return [worker for worker, _ in gathered]
 
 
-def _rank0_hooks(spec: WorkerSpec, workers: list[dict], resumed_epoch: int, steps: int) -> list[Hooks]:
+def _rank0_hooks(spec: WorkerSpec, workers: list[dict], resumed_epoch: int, steps: int,
+                 compiled: bool) -> list[Hooks]:
     """Rank 0 records the worker group, and logs to TensorBoard (and MLflow) and the attempt's duration every
-    epoch."""
+    epoch, and the first step's compile time where the model is compiled."""
     _record_workers(spec.run_dir, spec.attempt, workers, resumed_epoch)
     mlflow = MetricLog(spec.tracked, {"precision": workers[0]["precision"], "workers": str(len(workers)),
                                       "device": workers[0]["device"].split(":")[0]}) if spec.tracked else None
     log = RunLog(storage.join(spec.run_dir, TB_DIR), spec.config, resumed_epoch, steps, spec.progress_every_s,
                  mlflow)
-    return [log, AttemptClock(spec.run_dir, spec.attempt, spec.attempt_started)]
+    return [log, AttemptClock(spec.run_dir, spec.attempt, spec.attempt_started), *([CompileNote()] if compiled else [])]
 
 
 def _record_workers(run_dir: str, attempt: int, workers: list[dict], resumed_epoch: int) -> None:
