@@ -57,7 +57,8 @@ def test_tb_reaches_the_bucket_at_checkpoints_on_the_timer_and_at_the_end(s3_env
 
 
 @pytest.mark.ray
-def test_a_run_killed_after_an_async_uploaded_checkpoint_resumes_from_it(s3_env, real_cifar_small, tmp_path):
+def test_a_driver_killed_after_an_async_uploaded_checkpoint_resumes_from_the_bucket(s3_env, real_cifar_small,
+                                                                                    tmp_path):
     run, epochs = f"s3://{BUCKET}/runs/async", 4
     args = ("--set", "run.checkpoint_every=2")  # epoch 1 is never checkpointed: only the mirror of epoch 2 has it
     first = TrainProcess(tmp_path, real_cifar_small, "async", epochs, storage=f"s3://{BUCKET}/runs",
@@ -74,4 +75,6 @@ def test_a_run_killed_after_an_async_uploaded_checkpoint_resumes_from_it(s3_env,
     assert f"resuming from the checkpoint of epoch {committed}" in second.log
     assert storage.read_json(f"{run}/result.json")["epoch"] == epochs
     assert tb_steps(run) == list(range(1, epochs + 1))  # every epoch once, across both attempts' event files
+    assert tb_steps(run, "step/train_loss", "tb/steps") == list(range(2, 4 * epochs + 1, 2))  # every step once
+    assert len(storage.read_json(f"{run}/environment.json")["attempts"]) == 2
     assert set(Path(tempfile.gettempdir()).glob("checkpoint-*")) <= temp_dirs  # Ray deleted each after its upload

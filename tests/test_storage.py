@@ -21,7 +21,7 @@ from ray_resnet.core.checkpoint import CheckpointState, load_checkpoint, save_ch
 from ray_resnet.core.datasets import load_cifar
 from ray_resnet.io import storage
 
-from cluster_scenarios import committed_epoch, run_scenario
+from cluster_scenarios import run_scenario
 from fixtures import own_lines, random_cifar, write_torchvision_cifar
 from s3_server import BUCKET, S3Server
 
@@ -380,24 +380,6 @@ def test_a_two_worker_run_lives_in_the_bucket_and_every_command_reads_it(s3_env,
         assert [step for _, step, _ in steps] == [2, 4, 6, 8]  # run.log_every_steps=2 of 4 steps per epoch
     finally:
         served.stop()
-
-
-@pytest.mark.ray
-def test_a_killed_driver_resumes_from_the_bucket(s3_env, real_cifar_small, tmp_path):
-    from test_faults import TrainProcess, tb_steps
-
-    run, epochs = f"s3://{BUCKET}/runs/killed", 3
-    first = TrainProcess(tmp_path, real_cifar_small, "killed", epochs, storage=f"s3://{BUCKET}/runs", env=s3_env.env)
-    first.kill_driver_when(lambda: committed_epoch(run) >= 1)
-    assert storage.read_json(f"{run}/result.json") is None
-    second = TrainProcess(tmp_path, real_cifar_small, "killed", epochs, "2", storage=f"s3://{BUCKET}/runs",
-                          env=s3_env.env)
-    assert second.finish() == 0, second.log[-3000:]
-    assert "resuming from the checkpoint of epoch" in second.log
-    assert storage.read_json(f"{run}/result.json")["epoch"] == epochs
-    assert tb_steps(run) == list(range(1, epochs + 1))  # every epoch once, across both attempts' event files
-    assert tb_steps(run, "step/train_loss", "tb/steps") == list(range(2, 4 * epochs + 1, 2))  # every step once
-    assert len(storage.read_json(f"{run}/environment.json")["attempts"]) == 2
 
 
 @pytest.mark.ray
