@@ -109,9 +109,9 @@ class PerfConfig:
     # larger batches overflow the CPU's L3 cache (2x slower per image at 1000)
     eval_batch_size: int = setting(500, "x >= 1")
     # torch.compile the training model. auto: on one CUDA worker, and on CPU where measured to pay (bf16 on a CPU
-    # with AMX, or several workers with global BatchNorm; runs of 5,000 steps or more: core.steps.compiles,
-    # bench/COMPILE.md); with several GPU workers compile + DDP + BatchNorm has not run yet, and "on" is refused
-    # there. Off by default until the compiled GPU path has been measured on a GPU (none was lent so far).
+    # with AMX, runs of 5,000 steps or more: core.steps.compiles, bench/COMPILE.md); with several GPU workers
+    # compile + DDP + BatchNorm has not run yet, and "on" is refused there. Off by default until the compiled GPU
+    # path has been measured on a GPU (none was lent so far).
     compile: Literal["auto", "on", "off"] = "off"
     # with compile on one CUDA worker: mode "reduce-overhead" (replays the step's kernels as one graph)
     cuda_graphs: bool = False

@@ -148,7 +148,7 @@ def build_training(cfg: Config, device: torch.device, steps_per_epoch: int, worl
     wrapped = wrap(core, broadcast_buffers=not global_bn)
     optimizer = make_optimizer(wrapped, cfg.optim)
     compiled = compiles(cfg.perf.compile, device, world, training_precision(device, cfg.perf.amp),
-                        steps_per_epoch * cfg.schedule.epochs, global_bn)
+                        steps_per_epoch * cfg.schedule.epochs)
     return Training(model=compile_model(wrapped, device, compiled, cfg.perf.cuda_graphs), optimizer=optimizer,
                     scheduler=make_scheduler(optimizer, cfg.optim.lr, cfg.schedule, steps_per_epoch), core=core,
                     compiled=compiled)

@@ -47,26 +47,26 @@ def make_scheduler(optimizer: torch.optim.Optimizer, base_lr: float, schedule: S
     )
 
 
-# torch.compile on CPU pays (bench/COMPILE.md, side by side with eager, 2 cores; steady img/s compiled / eager):
-# - with bf16 on AMX: Intel Xeon, ResNet-20, 1 worker, 1.14x after a 35 s compile;
-# - with several workers and BatchNorm over the global batch, where it fuses GlobalBatchNorm2d's arithmetic: AMD
-#   EPYC, fp32, 2 workers, ResNet-20 1.10-1.26x and ResNet-56 1.15-1.18x after 52-90 s.
-# It does not with one fp32 worker (AMD EPYC, ResNet-20 and -56: 0.87-1.00x) or with emulated bf16 (no AMX).
-# auto compiles those two cases for runs of at least this many steps: over twice the longest break-even measured
-# (2,300 steps, the Xeon's), for deeper nets and more workers per node, which take longer to compile.
+# torch.compile on CPU, measured side by side with eager (bench/COMPILE.md; steady img/s compiled / eager, and
+# the first compile in seconds, 2 cores). It pays only with bf16 on AMX: Intel Xeon, ResNet-20, 1.14x after a 35 s
+# compile (2,300 steps to break even). fp32 and emulated bf16 (AMD EPYC, ResNet-20 and -56, 1 and 2 workers)
+# trained at 0.93-1.09x, within that machine's noise, after 36-60 s: never worth it.
+CPU_COMPILE_PAYS = {"bf16": True, "fp32": False}
+# auto compiles on CPU for runs of at least this many steps: twice the measured break-even, since a deeper net or
+# several workers per node take longer to compile (one compile per worker process, sharing the cores).
 CPU_COMPILE_MIN_STEPS = 5000
 
 
-def compiles(compile: str, device: torch.device, world: int = 1, precision: str = "fp32", total_steps: int = 0,
-             global_bn: bool = False) -> bool:
-    """Whether the training step is compiled: "on"; "auto" on one CUDA worker, or on CPU where measured to pay (see
-    above) for a run of CPU_COMPILE_MIN_STEPS steps or more."""
+def compiles(compile: str, device: torch.device, world: int = 1, precision: str = "fp32",
+             total_steps: int = 0) -> bool:
+    """Whether the training step is compiled: "on"; "auto" on one CUDA worker, or on CPU where measured to pay
+    (bf16 on a CPU with AMX, for a run of CPU_COMPILE_MIN_STEPS steps or more)."""
     if compile != "auto":
         return compile == "on"
     if device.type == "cuda":
         return world == 1  # compile + DDP + global BatchNorm has not run on GPUs yet (the driver refuses "on")
-    pays = (precision == "bf16" and native_bf16(device)) or (world > 1 and global_bn)
-    return device.type == "cpu" and pays and total_steps >= CPU_COMPILE_MIN_STEPS
+    return (device.type == "cpu" and CPU_COMPILE_PAYS.get(precision, False) and native_bf16(device)
+            and total_steps >= CPU_COMPILE_MIN_STEPS)
 
 
 def compile_model(model: nn.Module, device: torch.device, compiled: bool, cuda_graphs: bool = False) -> nn.Module:
