@@ -47,13 +47,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, base_lr: float, schedule: S
     )
 
 
-# torch.compile on CPU, measured side by side with eager (bench/COMPILE.md; steady img/s compiled / eager, and
-# the first compile in seconds, 2 cores). It pays only with bf16 on AMX: Intel Xeon, ResNet-20, 1.14x after a 35 s
-# compile (2,300 steps to break even). fp32 and emulated bf16 (AMD EPYC, ResNet-20 and -56, 1 and 2 workers)
-# trained at 0.93-1.09x, within that machine's noise, after 36-60 s: never worth it.
-CPU_COMPILE_PAYS = {"bf16": True, "fp32": False}
-# auto compiles on CPU for runs of at least this many steps: twice the measured break-even, since a deeper net or
-# several workers per node take longer to compile (one compile per worker process, sharing the cores).
+# torch.compile on CPU, measured side by side with eager (bench/COMPILE.md; 2 cores, steady img/s compiled / eager):
+# it pays with bf16 on AMX (Intel Xeon, ResNet-20: 1.14x after a 35 s compile, won back in 2,300 steps). In fp32
+# (AMD EPYC, ResNet-20 and -56, 1 worker and 2 DDP workers with global BatchNorm) compiled and eager differed by
+# 0.93-1.09x over two runs, within that shared machine's noise, and each compile took 32-101 s: eager there. auto
+# compiles on CPU for runs of at least this many steps, twice the measured break-even, as deeper nets and several
+# workers per node take longer to compile (one compile per worker process, sharing the cores).
 CPU_COMPILE_MIN_STEPS = 5000
 
 
@@ -65,7 +64,7 @@ def compiles(compile: str, device: torch.device, world: int = 1, precision: str 
         return compile == "on"
     if device.type == "cuda":
         return world == 1  # compile + DDP + global BatchNorm has not run on GPUs yet (the driver refuses "on")
-    return (device.type == "cpu" and CPU_COMPILE_PAYS.get(precision, False) and native_bf16(device)
+    return (device.type == "cpu" and precision == "bf16" and native_bf16(device)
             and total_steps >= CPU_COMPILE_MIN_STEPS)
 
 
