@@ -1,6 +1,7 @@
 """End-to-end training through Ray Train's TorchTrainer on a real local Ray (2 CPUs) and real CIFAR-10 rows."""
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -86,6 +87,18 @@ def test_two_workers_learn_checkpoint_log_resume_and_eval(real_cifar_small, tmp_
            "selected on the test set" in capsys.readouterr().out
     assert cli.main(["eval", "--checkpoint", str(run_dir), "--final"]) == 0
     assert "from the final checkpoint of epoch 3," in capsys.readouterr().out
+
+
+def test_a_compiled_run_trains_in_a_ray_worker_and_says_what_compiling_took(real_cifar_small, tmp_path, capsys):
+    """perf.compile on a CPU worker (auto's choice for long runs with several workers, or bf16 on AMX): inductor
+    compiles inside Ray's worker process, and rank 0 announces the first step and times it."""
+    cfg = _cfg(real_cifar_small, tmp_path, "compiled", "model=resnet8", "perf.compile=on", "schedule.epochs=1",
+               "data.train_subset=256")
+    summary = run_training(cfg)
+    assert (summary.status, summary.epoch) == ("finished", 1)
+    out = capsys.readouterr().out
+    assert "torch.compile: compiling the training step in the first step (perf.compile)" in out
+    assert re.search(r"torch\.compile: first step done in \d+\.\d s, compilation included", out), out[-3000:]
 
 
 def test_same_seed_gives_the_same_first_epoch(real_cifar_small, tmp_path):
