@@ -64,9 +64,10 @@ def _train(rank: int, spec: dict, port: int, results) -> None:
     total = spec["warmup"] + spec["steps"]
     cfg, data = dataset({**spec, "mode": "eager" if spec["mode"] == "eager" else "compiled"}, total * BATCH,
                         EVAL_IMAGES, device)
-    wrap = (lambda model, **ddp: torch.nn.parallel.DistributedDataParallel(model, **ddp)) if workers > 1 else None
-    training = build_training(cfg, device, steps_per_epoch(cfg, len(data.train_index), workers), workers,
-                              **({"wrap": wrap} if wrap else {}))
+    def wrap(model: torch.nn.Module, **ddp) -> torch.nn.Module:
+        return torch.nn.parallel.DistributedDataParallel(model, **ddp) if workers > 1 else model
+
+    training = build_training(cfg, device, steps_per_epoch(cfg, len(data.train_index), workers), workers, wrap)
     stamps = StampsAndLoss(device, total, spec["warmup"])
     start = time.time()
     fit(cfg, training, data, rank=rank, world=workers, hooks=[stamps])
