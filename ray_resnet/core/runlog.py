@@ -92,7 +92,7 @@ class ProgressLines:
 
 
 class CompileNote(Hooks):
-    """Rank 0's lines around a compiled model's first step, which runs torch.compile (35-60 s on 2 CPU cores, a few
+    """Rank 0's lines around a compiled model's first step, which runs torch.compile (30-100 s on 2 CPU cores, a few
     seconds with inductor's cache warm): said before, so a quiet start is not taken for a hang, and timed after."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
