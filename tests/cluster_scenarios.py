@@ -46,11 +46,9 @@ def _config(root: str, storage: str, name: str, epochs: int, *sets: str):
 # with a reclaimed spot node).
 ELASTIC = ["run.num_workers=[1,2]", "run.cpus_per_worker=2", "run.resize_interval_s=5", "run.max_failures=0",
            "schedule.warmup_epochs=1", "perf.amp=fp32"]  # fp32: the epoch times below (bf16 on AMX halves them)
-# 6-15 s each in float64 (AMD EPYC; 354 s for 30): 1-2 before the node loss, the rest with 1 worker until it has
-# grown back (shrinking took 34 s, growing 14-45 s), then 2
-ELASTIC_EPOCHS = 15
-
-
+# 10-15 s each in float64 on 2 AMD EPYC cores: epoch 1 with 2 workers before the node loss, epoch 2 (3 if the
+# loss came late) with 1 worker, which then waits for the node (WaitsAloneForTheNode), the rest with 2 again
+ELASTIC_EPOCHS = 4
 def in_float64(hooks: list) -> list:
     """`hooks`, made where the worker then trains in float64 (its default dtype, set before the model is built): float
     order then moves a loss by ~1e-12 instead of float32's 1e-4 (test_worker_count), whatever the CPU."""
@@ -72,6 +70,21 @@ class WorkerGroupLog(Hooks):
             with open(self.path, "a") as f:
                 f.write(f"{time.time()} {self.world} {(step - 1) // STEPS_PER_EPOCH + 1}\n")
             self.logged = True
+
+
+class WaitsAloneForTheNode(Hooks):
+    """A 1-worker group, once it has trained an epoch, waits at the next epoch's first step until Ray Train replaces
+    it with a grown group (at most 120 s): however long the node takes to come back, the run trains no more epochs
+    alone than the test compares."""
+
+    def __init__(self):
+        self.alone, self.first_epoch = ray.train.get_context().get_world_size() == 1, None
+
+    def step_end(self, step, images, loss, lr):
+        epoch = (step - 1) // STEPS_PER_EPOCH + 1
+        self.first_epoch = self.first_epoch or epoch
+        if self.alone and epoch > self.first_epoch:
+            time.sleep(120)
 
 
 def _group_starts(path: str) -> list[tuple[float, int, int]]:
@@ -97,29 +110,39 @@ def _elastic(cluster: Cluster, worker, root: str, storage: str) -> dict:
     from ray_resnet.raytrain.driver import run_training
 
     # A worker group asked for more workers than the cluster still has gives up after this (seconds; Ray's default
-    # 60), and the next try asks for what fits.
-    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "10"
+    # 60; it waits for the placement group alone, which takes well under a second where it fits), and the next try
+    # asks for what fits.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "5"
     groups = os.path.join(tempfile.mkdtemp(), "groups.txt")
     cfg = _config(root, storage, "elastic", ELASTIC_EPOCHS, *ELASTIC)
     box: dict = {}
-    fit = threading.Thread(target=lambda: box.update(
-        summary=_catch(run_training, cfg, None, None, None, lambda: in_float64([WorkerGroupLog(groups)]))))
+    fit = threading.Thread(target=lambda: box.update(summary=_catch(
+        run_training, cfg, None, None, None, lambda: in_float64([WorkerGroupLog(groups), WaitsAloneForTheNode()]))))
     fit.start()
     run_dir = storage_lib.join(storage, "elastic")
     while fit.is_alive() and committed_epoch(run_dir) < 1:
         time.sleep(0.2)
     lost_at = time.time()
     _preempt(cluster, worker)
-    while fit.is_alive() and not [w for t, w, _ in _group_starts(groups) if t > lost_at and w == 1]:
+    while fit.is_alive() and not _alone_from(groups, lost_at):
+        time.sleep(0.2)
+    alone_from = _alone_from(groups, lost_at) or ELASTIC_EPOCHS
+    while fit.is_alive() and committed_epoch(run_dir) < alone_from:  # the epoch trained alone is the one compared
         time.sleep(0.2)
     added_at = time.time()
     cluster.add_node(num_cpus=2, num_gpus=0, object_store_memory=OBJECT_STORE)
     fit.join(timeout=400)
-    # The same run without a resize, for the epochs the test compares (the ones before and at the shrink).
-    undisturbed = _catch(run_training, _config(root, storage, "undisturbed", 4, *ELASTIC), None, None, None,
+    # The same run without a resize, up to the epoch the 1-worker group trained (the learning rate of an epoch does
+    # not depend on the run's length).
+    undisturbed = _catch(run_training, _config(root, storage, "undisturbed", alone_from, *ELASTIC), None, None, None,
                          lambda: in_float64([]))
     return {"summary": box.get("summary"), "undisturbed": undisturbed, "lost_at": lost_at, "added_at": added_at,
             "groups": _group_starts(groups)}
+
+
+def _alone_from(groups: str, lost_at: float) -> int | None:
+    """The first epoch of the 1-worker group started after the node loss, once it has stepped."""
+    return next((epoch for t, w, epoch in _group_starts(groups) if t > lost_at and w == 1), None)
 
 
 def committed_epoch(run_dir: Path | str) -> int:
@@ -160,7 +183,10 @@ def main(scenario: str, root: str, storage: str) -> dict:
     from ray_resnet.raytrain.driver import run_training
 
     # num_gpus=0: CPU nodes also on a machine with a GPU; no dashboard: 8265 may be taken
-    head = {"num_cpus": 2, "num_gpus": 0, "object_store_memory": OBJECT_STORE, "include_dashboard": False}
+    # A killed node is declared dead after 3 missed health checks 1 s apart (Ray's default: 5, 3 s apart), so Ray
+    # Train sees the loss before it asks for the lost node's CPUs again.
+    head = {"num_cpus": 2, "num_gpus": 0, "object_store_memory": OBJECT_STORE, "include_dashboard": False,
+            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     worker = cluster.add_node(num_cpus=2, num_gpus=0, object_store_memory=OBJECT_STORE)
     try:
