@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 from ray.cluster_utils import Cluster
 
-from cluster_scenarios import OBJECT_STORE, committed_epoch
+from cluster_scenarios import HEAD_NODE, OBJECT_STORE, committed_epoch
 from faulty_proxy import FaultyProxy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,8 +77,7 @@ def main(seed: int, data: str, storage: str) -> dict:
     logs = Path(tempfile.mkdtemp())
     run_dir = f"{storage}/{NAME}"
     proxy = FaultyProxy(os.environ["AWS_ENDPOINT_URL"])
-    head = {"num_cpus": 2, "num_gpus": 0, "object_store_memory": OBJECT_STORE, "include_dashboard": False}
-    cluster = Cluster(initialize_head=True, head_node_args=head)
+    cluster = Cluster(initialize_head=True, head_node_args=HEAD_NODE)
     cluster.add_node(num_cpus=2, num_gpus=0, object_store_memory=OBJECT_STORE)
     cluster.wait_for_nodes()
     drivers = [Driver(cluster.address, data, storage, proxy.url, logs, 1)]

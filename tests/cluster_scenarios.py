@@ -41,6 +41,12 @@ def _config(root: str, storage: str, name: str, epochs: int, *sets: str):
     ])
 
 
+# num_gpus=0: CPU nodes also on a machine with a GPU; no dashboard: 8265 may be taken. A killed node is declared
+# dead after 3 missed health checks 1 s apart (Ray's default: 5, 3 s apart), so Ray Train sees the loss before it
+# asks for the lost node's CPUs again.
+HEAD_NODE = {"num_cpus": 2, "num_gpus": 0, "object_store_memory": OBJECT_STORE, "include_dashboard": False,
+             "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}}
+
 # The elastic run: [1, 2] workers of 2 CPUs (one per node), a resize check every 5 s, and no restart allowed for
 # failures (max_failures 0): the node it loses is preempted (drained by the cluster first, as an autoscaler does
 # with a reclaimed spot node).
@@ -49,6 +55,8 @@ ELASTIC = ["run.num_workers=[1,2]", "run.cpus_per_worker=2", "run.resize_interva
 # 10-15 s each in float64 on 2 AMD EPYC cores: epoch 1 with 2 workers before the node loss, epoch 2 (3 if the
 # loss came late) with 1 worker, which then waits for the node (WaitsAloneForTheNode), the rest with 2 again
 ELASTIC_EPOCHS = 4
+
+
 def in_float64(hooks: list) -> list:
     """`hooks`, made where the worker then trains in float64 (its default dtype, set before the model is built): float
     order then moves a loss by ~1e-12 instead of float32's 1e-4 (test_worker_count), whatever the CPU."""
@@ -182,12 +190,7 @@ def single_process_test_acc(cfg, checkpoint: str) -> float:
 def main(scenario: str, root: str, storage: str) -> dict:
     from ray_resnet.raytrain.driver import run_training
 
-    # num_gpus=0: CPU nodes also on a machine with a GPU; no dashboard: 8265 may be taken
-    # A killed node is declared dead after 3 missed health checks 1 s apart (Ray's default: 5, 3 s apart), so Ray
-    # Train sees the loss before it asks for the lost node's CPUs again.
-    head = {"num_cpus": 2, "num_gpus": 0, "object_store_memory": OBJECT_STORE, "include_dashboard": False,
-            "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}}
-    cluster = Cluster(initialize_head=True, head_node_args=head)
+    cluster = Cluster(initialize_head=True, head_node_args=HEAD_NODE)
     worker = cluster.add_node(num_cpus=2, num_gpus=0, object_store_memory=OBJECT_STORE)
     try:
         ray.init(address=cluster.address)
