@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from fixtures import running_pids, train_controller_pids
+
 # Before ray is imported anywhere: no auth token files in tests, fast report() hand-offs, no doubled prints.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
@@ -74,36 +76,18 @@ def releases_its_placement_groups(request):
     from ray.util import placement_group_table, remove_placement_group
     from ray.util.placement_group import PlacementGroup, PlacementGroupID
 
-    before, controllers_before = set(placement_group_table()), set(_train_controller_pids())
+    before, controllers_before = set(placement_group_table()), set(train_controller_pids())
     yield
     deadline = time.monotonic() + 30  # Ray Train's placement-group cleaner polls its controller every few seconds
     # A controller whose trial Tune stopped is marked dead at once but its process can still retry for a moment and
     # create a worker group: its placement group is this test's, so wait for the process to be gone first.
-    while _running_pids(set(_train_controller_pids()) - controllers_before) and time.monotonic() < deadline:
+    while running_pids(set(train_controller_pids()) - controllers_before) and time.monotonic() < deadline:
         time.sleep(0.2)
     while (held := _held_placement_groups(placement_group_table(), before)) and time.monotonic() < deadline:
         time.sleep(0.5)
     for pg_id in held:
         remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg_id)))
     assert not held, f"placement groups still held after the test: {held}"
-
-
-def _train_controller_pids() -> list[int]:
-    from ray.util.state import list_actors
-
-    return [actor.pid for actor in list_actors(filters=[("class_name", "=", "TrainController")], detail=True,
-                                                limit=10_000, raise_on_missing_output=False) if actor.pid]
-
-
-def _running_pids(pids: set[int]) -> set[int]:
-    running = set()
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-            running.add(pid)
-        except ProcessLookupError:
-            pass
-    return running
 
 
 def _held_placement_groups(table: dict, before: set[str]) -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import re
 from pathlib import Path
@@ -126,3 +127,23 @@ _RAY_ACTOR_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\(\w+ pid=\d+")
 def own_lines(text: str) -> list[str]:
     """The non-empty lines of captured output that this process printed, without Ray actors' log lines."""
     return [line for line in text.strip().splitlines() if line.strip() and not _RAY_ACTOR_LINE.match(line)]
+
+
+def train_controller_pids() -> list[int]:
+    """The pids of every Ray Train controller actor the connected Ray has known, live or dead."""
+    from ray.util.state import list_actors
+
+    return [actor.pid for actor in list_actors(filters=[("class_name", "=", "TrainController")], detail=True,
+                                                limit=10_000, raise_on_missing_output=False) if actor.pid]
+
+
+def running_pids(pids: set[int]) -> set[int]:
+    """Those of `pids` whose process still exists."""
+    running = set()
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            running.add(pid)
+        except ProcessLookupError:
+            pass
+    return running

@@ -3,7 +3,9 @@
 import json
 import re
 import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ from ray_resnet.core.loop import Hooks
 from ray_resnet.errors import ConfigError, RunError
 from ray_resnet.io.rundir import resolve_run
 from ray_resnet.raytrain.driver import run_training
+
+from fixtures import running_pids, train_controller_pids
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -132,7 +136,15 @@ def test_a_run_dir_with_another_recipe_is_not_resumed(real_cifar_small, tmp_path
 def test_cli_smoke_test_trains_and_prints_the_summary(real_cifar_small, tmp_path, capsys):
     args = ["train", "-c", str(Path(__file__).parents[1] / "configs" / "quickstart.yaml"), "--smoke-test",
             "--data", str(real_cifar_small), "--storage", str(tmp_path)]
+    ctrl_c, controllers_before = signal.getsignal(signal.SIGINT), set(train_controller_pids())
     assert cli.main(args) == 0
+    # Ray Train's own Ctrl-C handler (it aborts the run) is gone with the run, and so is its controller's process
+    assert signal.getsignal(signal.SIGINT) is ctrl_c
+    (controller,) = set(train_controller_pids()) - controllers_before
+    deadline = time.monotonic() + 10
+    while running_pids({controller}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running_pids({controller})
     out = capsys.readouterr().out
     run_dir = tmp_path / "quickstart-smoke"  # never the real quickstart run
     assert f"run dir: {run_dir}" in out and "1/1 epochs" in out and "final test acc" in out

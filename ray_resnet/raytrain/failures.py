@@ -7,6 +7,11 @@ multi-page traceback.
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import ray
 import ray.train
 
@@ -28,7 +33,8 @@ def fit_or_explain(trainer: ray.train.torch.TorchTrainer, run: RunConfig,
                    bundle: dict[str, float]) -> ray.train.Result:
     """`trainer.fit()`, with Ray's give-up turned into one `RunError` line (`bundle`: each worker's resources)."""
     try:
-        return trainer.fit()
+        with _sigint_handler_restored_after():
+            return trainer.fit()
     except ray.train.ControllerError as e:
         failure = worker_group_start_failure(e.controller_failure)
         if failure == "timeout":
@@ -47,6 +53,22 @@ def fit_or_explain(trainer: ray.train.torch.TorchTrainer, run: RunConfig,
                        "resume from the latest checkpoint") from None
     except ray.train.TrainingFailedError as e:
         raise _gave_up(e, run.max_failures) from None
+
+
+@contextmanager
+def _sigint_handler_restored_after() -> Iterator[None]:
+    """fit() in the main thread installs a Ctrl-C handler that aborts its run, and leaves it there: afterwards Ctrl-C
+    would only abort a finished run (the driver going on, and exiting 0 at the third), and the handler's reference
+    would keep the run's controller actor and its process alive until the driver exits. The handler fit found is put
+    back when it returns."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread has signal handlers
+        yield
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def _gave_up(error: Exception, max_failures: int) -> RunError:
