@@ -87,7 +87,7 @@ def test_of_contenders_started_together_one_holds_and_the_others_are_refused_in_
     for p, (out, err) in zip(procs, outs):
         if p is holders[0]:
             continue
-        assert p.returncode == 2 and not out.strip()
+        assert p.returncode == 2 and not out.strip(), err
         (line,) = own_lines(err)
         refusal = REFUSAL.match(line)
         assert refusal, line

@@ -22,6 +22,7 @@ import posixpath
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,7 @@ S3_ATTEMPTS = 10
 # How many small files `read_files` fetches at once: an object store answers each in tens of milliseconds, most
 # of it waiting, so reads overlap well; locally they are page-cache reads.
 READ_THREADS = 16
+READ_ATTEMPTS, READ_RETRY_PAUSE_S = 3, 0.2  # a broken read's second try waits 0.2 s, its third 0.4 s
 T = TypeVar("T")
 
 
@@ -322,16 +324,23 @@ def parse_json(data: bytes | None) -> dict | None:
 
 def read_files(locations: list[str]) -> list[bytes | None]:
     """The bytes of files a listing (`walk`) found, READ_THREADS at a time, in order, without first asking whether
-    each is there; None for one deleted since."""
+    each is there; None for one deleted since. A read that fails is tried again READ_ATTEMPTS times in all: a file
+    deleted while it is read can break the answer's body instead of answering "no such key" (seen on moto's S3 when
+    lease contenders drop their claims), which the store's own retries do not cover."""
     def read(location: str) -> bytes | None:
         def whole(fs: pafs.FileSystem, path: str) -> bytes:
             with fs.open_input_stream(path) as f:
                 return f.read()
 
-        try:
-            return _op(location, whole)
-        except FileNotFoundError:
-            return None
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                return _op(location, whole)
+            except FileNotFoundError:
+                return None
+            except StorageError:
+                if attempt == READ_ATTEMPTS:
+                    raise
+                time.sleep(READ_RETRY_PAUSE_S * attempt)
 
     with ThreadPoolExecutor(READ_THREADS) as pool:
         return list(pool.map(read, locations))
