@@ -120,8 +120,9 @@ def trained_like(name="resnet20", num_classes=10, seed=0):
 
 
 # "(PlacementGroupCleaner pid=123) ...": Ray prefixes every line its actors print; a session-wide Ray started by
-# an earlier test may print such lines into any later test's captured stderr.
-_RAY_ACTOR_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\(\w+ pid=\d+")
+# an earlier test may print such lines into any later test's captured stderr. "(autoscaler +25s) ...": the cluster
+# events Ray's driver prints as they come, also after the process's own last line.
+_RAY_ACTOR_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\((\w+ pid=\d+|autoscaler \+)")
 
 
 def own_lines(text: str) -> list[str]:
