@@ -324,7 +324,7 @@ def parse_json(data: bytes | None) -> dict | None:
 
 def read_files(locations: list[str]) -> list[bytes | None]:
     """The bytes of files a listing (`walk`) found, READ_THREADS at a time, in order, without first asking whether
-    each is there; None for one deleted since. A read that fails is tried again READ_ATTEMPTS times in all: a file
+    each is there; None for one deleted since. A read that fails is tried up to READ_ATTEMPTS times in all: a file
     deleted while it is read can break the answer's body instead of answering "no such key" (seen on moto's S3 when
     lease contenders drop their claims), which the store's own retries do not cover."""
     def read(location: str) -> bytes | None:
