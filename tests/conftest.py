@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import running_pids, train_controller_pids
+from fixtures import still_running_at, train_controller_pids
 
 # Before ray is imported anywhere: no auth token files in tests, fast report() hand-offs, no doubled prints.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -81,8 +81,7 @@ def releases_its_placement_groups(request):
     deadline = time.monotonic() + 30  # Ray Train's placement-group cleaner polls its controller every few seconds
     # A controller whose trial Tune stopped is marked dead at once but its process can still retry for a moment and
     # create a worker group: its placement group is this test's, so wait for the process to be gone first.
-    while running_pids(set(train_controller_pids()) - controllers_before) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    still_running_at(set(train_controller_pids()) - controllers_before, deadline)
     while (held := _held_placement_groups(placement_group_table(), before)) and time.monotonic() < deadline:
         time.sleep(0.5)
     for pg_id in held:

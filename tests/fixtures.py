@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import re
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -122,12 +123,12 @@ def trained_like(name="resnet20", num_classes=10, seed=0):
 # "(PlacementGroupCleaner pid=123) ...": Ray prefixes every line its actors print; a session-wide Ray started by
 # an earlier test may print such lines into any later test's captured stderr. "(autoscaler +25s) ...": the cluster
 # events Ray's driver prints as they come, also after the process's own last line.
-_RAY_ACTOR_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\((\w+ pid=\d+|autoscaler \+)")
+_RAY_LINE = re.compile(r"^(\x1b\[[0-9;]*m)?\((\w+ pid=\d+|autoscaler \+)")
 
 
 def own_lines(text: str) -> list[str]:
-    """The non-empty lines of captured output that this process printed, without Ray actors' log lines."""
-    return [line for line in text.strip().splitlines() if line.strip() and not _RAY_ACTOR_LINE.match(line)]
+    """The non-empty lines of captured output that this process printed, without Ray's actor and autoscaler lines."""
+    return [line for line in text.strip().splitlines() if line.strip() and not _RAY_LINE.match(line)]
 
 
 def train_controller_pids() -> list[int]:
@@ -138,13 +139,8 @@ def train_controller_pids() -> list[int]:
                                                 limit=10_000, raise_on_missing_output=False) if actor.pid]
 
 
-def running_pids(pids: set[int]) -> set[int]:
-    """Those of `pids` whose process still exists."""
-    running = set()
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-            running.add(pid)
-        except ProcessLookupError:
-            pass
+def still_running_at(pids: set[int], deadline: float) -> set[int]:
+    """Those of `pids` whose process still exists once all have ended or `deadline` (time.monotonic()) has passed."""
+    while (running := set(filter(psutil.pid_exists, pids))) and time.monotonic() < deadline:
+        time.sleep(0.1)
     return running

@@ -19,7 +19,7 @@ from ray_resnet.errors import ConfigError, RunError
 from ray_resnet.io.rundir import resolve_run
 from ray_resnet.raytrain.driver import run_training
 
-from fixtures import running_pids, train_controller_pids
+from fixtures import still_running_at, train_controller_pids
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -141,10 +141,7 @@ def test_cli_smoke_test_trains_and_prints_the_summary(real_cifar_small, tmp_path
     # Ray Train's own Ctrl-C handler (it aborts the run) is gone with the run, and so is its controller's process
     assert signal.getsignal(signal.SIGINT) is ctrl_c
     (controller,) = set(train_controller_pids()) - controllers_before
-    deadline = time.monotonic() + 10
-    while running_pids({controller}) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not running_pids({controller})
+    assert not still_running_at({controller}, time.monotonic() + 10)
     out = capsys.readouterr().out
     run_dir = tmp_path / "quickstart-smoke"  # never the real quickstart run
     assert f"run dir: {run_dir}" in out and "1/1 epochs" in out and "final test acc" in out
