@@ -15,6 +15,9 @@
    process with 2 threads and with 1; 2 processes of 1 thread each training alone on 64 images; 2 DDP ranks (gloo)
    with per-worker BatchNorm, with its gradient all-reduce left out (`no_sync`), and with global BatchNorm.
    Interleaved repeats; a step's time is the slower rank's median.
+5. Global BatchNorm's own arithmetic: the same model's training step on one 64-image share in this process (1
+   thread), with torch's BatchNorm and with `GlobalBatchNorm2d` computing as on one of 2 ranks (its collectives
+   then have only this process to gather from), interleaved, median ms per step.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench import throughput
+from ray_resnet.core import batchnorm
 from ray_resnet.core.augment import augment
 from ray_resnet.core.batches import Step
 from ray_resnet.core.batchnorm import use_global_batchnorm
@@ -111,6 +116,21 @@ def _median_step_s(model: torch.nn.Module, images: int, steps: int, warmup: int,
     return statistics.median(times[warmup:])
 
 
+def time_batchnorm_arithmetic(steps: int, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds of a training step on one rank's share (BATCH / 2 images, 1 thread) with torch's BatchNorm
+    and with global BatchNorm's forward and backward as on one of 2 ranks, in this process (no other rank: its
+    collectives cost nothing here, so the difference is the layer's own arithmetic)."""
+    torch.manual_seed(0)
+    models = {"torch BatchNorm2d": build_model("resnet20").to(memory_format=torch.channels_last),
+              "GlobalBatchNorm2d": use_global_batchnorm(build_model("resnet20").to(memory_format=torch.channels_last))}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with mock.patch.object(batchnorm, "world_size", lambda: 2):  # the layer takes its multi-rank path
+        for _ in range(repeats):
+            for name, model in models.items():
+                times[name].append(_median_step_s(model, BATCH // 2, steps, warmup))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _train_split(rank: int, split: str, port: int, steps: int, warmup: int, results) -> None:
     processes, threads, images, mode = SPLITS[split]
     torch.set_num_threads(threads)
@@ -164,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         augment_rows.append(f"| {share} of {BATCH} | {own * 1e3:.2f} | {whole * 1e3:.2f} | "
                             f"{(whole - own) * 1e3:+.2f} | {100 * (whole - own) / step_s:.1f} % |")
     collective_s = time_collectives()
+    arithmetic_s = time_batchnorm_arithmetic(args.steps, args.warmup, args.repeats)
+    arithmetic_gap_s = arithmetic_s["GlobalBatchNorm2d"] - arithmetic_s["torch BatchNorm2d"]
     splits: dict[str, list[float]] = {split: [] for split in SPLITS}
     for _ in range(args.repeats):
         for split in SPLITS:
@@ -190,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
           for mode, rs in runs.items()),
         "",
         f"global / per_worker = **{bn_ratio:.2f}** (median of the per-repeat ratios). On CPU the global statistics "
-        "come from `GlobalBatchNorm2d`: the per-channel sums of each BatchNorm layer are summed over the ranks once "
-        "in the forward pass and once in the backward pass (19 layers in ResNet-20: 38 blocking collectives per "
-        "step), the same code on CUDA.",
+        "come from `GlobalBatchNorm2d`: each BatchNorm layer gathers every rank's per-channel mean, variance and "
+        "count once in the forward pass, and sums the gradients' per-channel sums over the ranks once in the "
+        "backward pass (19 layers in ResNet-20: 38 blocking collectives per step), the same code on CUDA.",
         "",
         "## The collective behind global BatchNorm (2 gloo processes, 193 float64 values)",
         "",
@@ -204,8 +226,18 @@ def main(argv: list[str] | None = None) -> int:
         "rank; for so few values a collective costs its latency, and gloo's all-reduce runs a ring of several "
         f"exchanges. A step takes {step_s * 1e3:.0f} ms with global and {BATCH / rate['per_worker'] * 1e3:.0f} ms "
         f"with per-worker BatchNorm; {38 * collective_s['sum_over_ranks'] * 1e3:.0f} ms of the difference are these "
-        "calls' own time. The rest is not measured apart: the float64 sums and the backward's own arithmetic, and "
-        "each collective holding both ranks until the slower one arrives.",
+        f"calls' own time and {arithmetic_gap_s * 1e3:.0f} ms the layer's own arithmetic (below). The rest is each "
+        "collective holding both ranks until the slower one arrives, 38 times a step.",
+        "",
+        "## Global BatchNorm's own arithmetic (one rank's share of 64 images, 1 thread, no other rank)",
+        "",
+        "| BatchNorm layers | ms per training step |",
+        "|---|---:|",
+        *(f"| {name} | {t * 1e3:.1f} |" for name, t in arithmetic_s.items()),
+        "",
+        "The forward pass takes each rank's mean and variance from torch's own one-pass kernel "
+        "(`batch_norm_update_stats`) and pools them in float64 (summing the activations in float64 instead, as "
+        "before 2026-12-07, first copied every activation to float64).",
         "",
         "## Where 2 workers lose against 1 on the same 2 cores (engine steps, no Ray)",
         "",

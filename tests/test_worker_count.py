@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 from ray_resnet.config import load_config
 from ray_resnet.core.batches import epoch_batches
+from ray_resnet.core.batchnorm import _pooled
 from ray_resnet.core.datasets import load_cifar
 from ray_resnet.core.loop import Hooks, build_training, fit, select_splits, steps_per_epoch
 
@@ -116,3 +117,18 @@ def test_per_worker_batchnorm_is_a_different_training(real_cifar_small, one_work
           f"max weight difference {_max_diff(state, one_worker[1]):.1e}")
     assert abs(losses[0] - one_worker[0][0]) > 1e-3  # from the first step: other normalisation
     assert _max_diff(state, one_worker[1]) > 1e-2
+
+
+def test_pooled_statistics_of_uneven_shares_are_the_whole_batchs():
+    """Global BatchNorm's forward pools each rank's [mean, variance, count]: for shares of 22, 21 and 21 images whose
+    channels sit far from zero (mean 1000, std 1: where E[x^2] - E[x]^2 in float32 is off by up to 7 %), the pooled
+    mean and variance are the whole batch's."""
+    torch.manual_seed(0)
+    whole = (torch.randn(64, 3, 4, 4) + 1000).contiguous(memory_format=torch.channels_last)
+    rows = [torch.cat([*(s.double() for s in torch.batch_norm_update_stats(share, None, None, 0.0)),
+                       torch.tensor([share.numel() / 3], dtype=torch.float64)])
+            for share in whole.split([22, 21, 21])]
+    mean, var, total = _pooled(torch.stack(rows))
+    assert total.item() == 64 * 16
+    torch.testing.assert_close(mean, whole.double().mean((0, 2, 3)), rtol=1e-6, atol=0)  # float32 means
+    torch.testing.assert_close(var, whole.double().var((0, 2, 3), unbiased=False), rtol=1e-4, atol=0)
