@@ -1,8 +1,10 @@
-"""Runs inside its own process: a two-node `ray.cluster_utils.Cluster` and one training run on it.
+"""Runs inside its own process: a two-node `ray.cluster_utils.Cluster` and training runs on it, one after another.
 
-`python tests/cluster_scenarios.py {spread|remove_node|s3|elastic} DATA_ROOT STORAGE` prints one JSON line (prefixed
-`RESULT `); tests call it through `run_scenario`. A test process that already has a Ray session cannot also host
-a Cluster, hence the subprocess.
+`python tests/cluster_scenarios.py NAME DATA_ROOT STORAGE [NAME DATA_ROOT STORAGE ...]` (NAME: spread, s3,
+remove_node or elastic) prints one JSON line (prefixed `RESULT `) with each scenario's result; tests call it through
+`run_scenarios`. Scenarios share the cluster (its start costs about 17 s on 2 cores); one that takes the second
+node away (remove_node, elastic) comes last. A test process that already has a Ray session cannot also host a
+Cluster, hence the subprocess.
 """
 
 import json
@@ -163,18 +165,29 @@ def committed_epoch(run_dir: Path | str) -> int:
         return 0
 
 
-def run_scenario(name: str, root: Path | str, storage: Path | str, env: dict | None = None,
-                 script: str = __file__) -> dict:
-    """`script`'s (default: this file's) scenario `name` in a fresh Python process (with `env` added to its
-    environment); its result plus the whole log. `root` and `storage` may be URIs."""
+SCENARIO = "SCENARIO"  # the line each scenario's part of the log starts with
+TAKE_THE_SECOND_NODE = {"remove_node", "elastic"}
+
+
+def run_script(script: str, argv: list[str], env: dict | None = None) -> tuple[dict, str]:
+    """`script` with `argv` in a fresh Python process (with `env` added to its environment): the JSON of its
+    `RESULT ` line, and its whole log (stdout and stderr in the order they were written)."""
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
     tests = Path(__file__).resolve().parent
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tests.parent), str(tests), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, script, name, str(root), str(storage)],
-                          env=env, capture_output=True, text=True, timeout=500, cwd=tempfile.mkdtemp())
+    proc = subprocess.run([sys.executable, script, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=600, cwd=tempfile.mkdtemp())
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {**json.loads(lines[-1][len("RESULT "):]), "log": proc.stdout + proc.stderr}
+    assert proc.returncode == 0 and lines, proc.stdout[-6000:]
+    return json.loads(lines[-1][len("RESULT "):]), proc.stdout
+
+
+def run_scenarios(runs: list[tuple[str, Path | str, Path | str]], env: dict | None = None) -> dict[str, dict]:
+    """Each (name, data root, storage) scenario in order, on one two-node cluster in a fresh process: its result, with
+    its own part of the log under "log". Roots and storages may be URIs."""
+    results, log = run_script(__file__, [str(part) for run in runs for part in run], env)
+    logs = dict(part.split("\n", 1) for part in log.split(f"{SCENARIO} ")[1:])
+    return {name: {**result, "log": logs[name]} for name, result in results.items()}
 
 
 def single_process_test_acc(cfg, checkpoint: str) -> float:
@@ -187,39 +200,48 @@ def single_process_test_acc(cfg, checkpoint: str) -> float:
     return evaluate(model, LabeledImages(images[keep], labels[keep]), batch_size=200)["acc"]
 
 
-def main(scenario: str, root: str, storage: str) -> dict:
-    from ray_resnet.raytrain.driver import run_training
-
+def main(runs: list[tuple[str, str, str]]) -> dict[str, dict]:
+    assert not TAKE_THE_SECOND_NODE & {name for name, _, _ in runs[:-1]}, f"{runs}: only the last may take a node"
     cluster = Cluster(initialize_head=True, head_node_args=HEAD_NODE)
     worker = cluster.add_node(num_cpus=2, num_gpus=0, object_store_memory=OBJECT_STORE)
     try:
         ray.init(address=cluster.address)
         cluster.wait_for_nodes()
         node_ids = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-        cfg = _config(root, storage, scenario, epochs=4 if scenario == "remove_node" else 2)
-        if scenario == "elastic":
-            return {**_elastic(cluster, worker, root, storage), "cluster_nodes": node_ids}
-        if scenario != "remove_node":
-            out = {"summary": _catch(run_training, cfg), "cluster_nodes": node_ids}
-        else:  # remove the second node mid-run; add_node/remove_node must run on the main thread
-            box: dict = {}
-            fit = threading.Thread(target=lambda: box.update(summary=_catch(run_training, cfg)))
-            fit.start()
-            run_dir = storage_lib.join(storage, scenario)
-            while fit.is_alive() and committed_epoch(run_dir) < 1:
-                time.sleep(0.2)
-            removed_at = time.time()
-            cluster.remove_node(worker)
-            fit.join(timeout=400)
-            out = {"summary": box.get("summary"), "removed_at": removed_at, "cluster_nodes": node_ids}
-        summary = out["summary"]
-        if isinstance(summary, dict) and summary.get("checkpoint"):
-            out["single_process_test_acc"] = single_process_test_acc(cfg, summary["checkpoint"])
-            out["worker_nodes"] = summary["worker_nodes"]
-        return out
+        results = {}
+        for name, root, storage in runs:
+            print(f"{SCENARIO} {name}", flush=True)
+            results[name] = {**_scenario(cluster, worker, name, root, storage), "cluster_nodes": node_ids}
+        return results
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def _scenario(cluster: Cluster, worker, scenario: str, root: str, storage: str) -> dict:
+    from ray_resnet.raytrain.driver import run_training
+
+    if scenario == "elastic":
+        return _elastic(cluster, worker, root, storage)
+    cfg = _config(root, storage, scenario, epochs=4 if scenario == "remove_node" else 2)
+    if scenario != "remove_node":
+        out = {"summary": _catch(run_training, cfg)}
+    else:  # remove the second node mid-run; add_node/remove_node must run on the main thread
+        box: dict = {}
+        fit = threading.Thread(target=lambda: box.update(summary=_catch(run_training, cfg)))
+        fit.start()
+        run_dir = storage_lib.join(storage, scenario)
+        while fit.is_alive() and committed_epoch(run_dir) < 1:
+            time.sleep(0.2)
+        removed_at = time.time()
+        cluster.remove_node(worker)
+        fit.join(timeout=400)
+        out = {"summary": box.get("summary"), "removed_at": removed_at}
+    summary = out["summary"]
+    if isinstance(summary, dict) and summary.get("checkpoint"):
+        out["single_process_test_acc"] = single_process_test_acc(cfg, summary["checkpoint"])
+        out["worker_nodes"] = summary["worker_nodes"]
+    return out
 
 
 def _catch(fn, *args):
@@ -231,4 +253,5 @@ def _catch(fn, *args):
 
 
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(main(*sys.argv[1:4])), flush=True)
+    args = sys.argv[1:]
+    print("RESULT " + json.dumps(main([tuple(args[i:i + 3]) for i in range(0, len(args), 3)])), flush=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures import still_running_at, train_controller_pids
+from fixtures import FINISHED_RUN_EPOCHS, FINISHED_RUN_LOG_EVERY_STEPS, still_running_at, train_controller_pids
 
 # Before ray is imported anywhere: no auth token files in tests, fast report() hand-offs, no doubled prints.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -117,6 +117,23 @@ def real_cifar_small(tmp_path_factory, cache_dir):
 
 
 @pytest.fixture(scope="session")
+def finished_run(ray_local, real_cifar_small, tmp_path_factory):
+    """The run dir of one finished run on the session's Ray (fixtures.FINISHED_RUN_*), trained once for the tests
+    that only read what a run leaves (they copy it before changing anything)."""
+    from ray_resnet.config import load_config
+    from ray_resnet.raytrain.driver import run_training
+
+    storage = tmp_path_factory.mktemp("runs")
+    cfg = load_config(None, [f"data.root={real_cifar_small}", f"run.storage={storage}", "run.name=served",
+                             f"schedule.epochs={FINISHED_RUN_EPOCHS}", "schedule.warmup_epochs=0",
+                             "schedule.milestones=[]", "data.train_subset=256", "data.test_subset=200",
+                             "optim.batch_size=64", "optim.lr=0.05", "perf.eval_batch_size=200",
+                             f"run.log_every_steps={FINISHED_RUN_LOG_EVERY_STEPS}"])
+    assert run_training(cfg).epoch == FINISHED_RUN_EPOCHS
+    return storage / "served"
+
+
+@pytest.fixture(scope="session")
 def s3(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 with the bucket `ray-resnet`; `s3.env` holds the client settings."""
     from s3_server import BUCKET, S3Server
@@ -125,6 +142,33 @@ def s3(tmp_path_factory):
     server.client().create_bucket(Bucket=BUCKET)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_data(s3, real_cifar_small):
+    """The real CIFAR-10 slice, uploaded: a data.root that exists only in S3."""
+    from ray_resnet.io import storage
+
+    from s3_server import BUCKET
+
+    with pytest.MonkeyPatch.context() as patch:  # the upload runs in this process
+        for key, value in s3.env.items():
+            patch.setenv(key, value)
+        storage.upload_dir(real_cifar_small, f"s3://{BUCKET}/cifar10-small")
+    return f"s3://{BUCKET}/cifar10-small"
+
+
+@pytest.fixture(scope="session")
+def two_node_runs(real_cifar_small, s3, s3_data, tmp_path_factory):
+    """The two-node scenarios of cluster_scenarios.py that tests only read, run once on one simulated cluster (it
+    starts once, not once per test): SPREAD workers (a local run dir), the same with data and run dir only in S3,
+    and a run whose second node is removed mid-run (last: it takes the node). Each scenario's result by name."""
+    from cluster_scenarios import run_scenarios
+    from s3_server import BUCKET
+
+    local = tmp_path_factory.mktemp("two-node-runs")
+    return run_scenarios([("spread", real_cifar_small, local), ("s3", s3_data, f"s3://{BUCKET}/cluster"),
+                          ("remove_node", real_cifar_small, local)], env=s3.env)
 
 
 @pytest.fixture

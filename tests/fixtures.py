@@ -15,6 +15,11 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+# The session's finished run (conftest's `finished_run`): 2 epochs of 4 steps (256 images in batches of 64), a
+# step-axis point every 3rd step (steps 3 and 6), 200 test images, 1 worker.
+FINISHED_RUN_EPOCHS = 2
+FINISHED_RUN_LOG_EVERY_STEPS = 3
+
 
 def random_cifar(n: int, num_classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random images uint8 [n,3,32,32] and labels int64 [n], as balanced across classes as n allows."""

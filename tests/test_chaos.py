@@ -15,7 +15,7 @@ from ray_resnet.core.checkpoint import load_checkpoint
 from ray_resnet.io import storage
 
 from chaos import EPOCHS, FAULTS, RECOVERY_LIMIT_S
-from cluster_scenarios import run_scenario
+from cluster_scenarios import run_script
 from s3_server import BUCKET
 
 pytestmark = pytest.mark.ray
@@ -30,7 +30,7 @@ def restarts(epochs_printed: list[int]) -> list[int]:
 def test_a_run_through_six_seeded_faults_ends_as_if_nothing_happened(s3_env, real_cifar_small):
     data, runs = f"s3://{BUCKET}/chaos-data", f"s3://{BUCKET}/chaos-runs"
     storage.upload_dir(real_cifar_small, data)
-    out = run_scenario(str(SEED), data, runs, env=s3_env.env, script=str(Path(__file__).with_name("chaos.py")))
+    out, _ = run_script(str(Path(__file__).with_name("chaos.py")), [str(SEED), data, runs], env=s3_env.env)
     run_dir = f"{runs}/chaos"
 
     assert out["returncode"] == 0, out["logs"][-1][-4000:]

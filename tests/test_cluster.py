@@ -26,8 +26,6 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from ray_resnet.core.checkpoint import load_checkpoint
 
-from cluster_scenarios import run_scenario
-
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # ray and ray-resnet of this environment
 pytestmark = pytest.mark.ray
@@ -195,8 +193,8 @@ def test_ray_job_submit_trains_on_a_real_head(real_cifar_small, tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_two_nodes_spread_workers_and_agree_on_test_accuracy(real_cifar_small, tmp_path):
-    out = run_scenario("spread", real_cifar_small, tmp_path)
+def test_two_nodes_spread_workers_and_agree_on_test_accuracy(two_node_runs):
+    out = two_node_runs["spread"]
     summary = out["summary"]
     assert summary["epoch"] == 2
     assert sorted(out["worker_nodes"]) == out["cluster_nodes"]  # rank 0 and rank 1 on different nodes

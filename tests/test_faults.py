@@ -27,7 +27,7 @@ from ray_resnet.io import storage
 from ray_resnet.io.rundir import latest_checkpoint
 from ray_resnet.raytrain.driver import run_training
 
-from cluster_scenarios import committed_epoch, run_scenario
+from cluster_scenarios import committed_epoch, run_scenarios
 from fixtures import own_lines
 from mlflow_server import MlflowServer
 
@@ -263,8 +263,8 @@ def test_workers_that_never_get_room_stop_after_the_start_timeout_in_one_line(re
 
 # --- c. a node of a simulated two-node cluster removed mid-run ------------------------------------------------
 
-def test_removed_node_run_recovers_on_remaining_node(real_cifar_small, tmp_path):
-    out = run_scenario("remove_node", real_cifar_small, tmp_path)
+def test_removed_node_run_recovers_on_remaining_node(two_node_runs):
+    out = two_node_runs["remove_node"]
     summary = out["summary"]
     assert isinstance(summary, dict), summary  # a RunError would come back as its message
     assert summary["epoch"] == 4
@@ -275,7 +275,7 @@ def test_removed_node_run_recovers_on_remaining_node(real_cifar_small, tmp_path)
     lost = max(before) - resumed
     assert 0 <= lost <= 1
     assert len(set(out["worker_nodes"])) == 1  # both workers now on the head node
-    assert tb_steps(tmp_path / "remove_node") == [1, 2, 3, 4]
+    assert tb_steps(summary["run_dir"]) == [1, 2, 3, 4]
     print(f"\n[fault c] worker node removed after the epoch-{resumed} checkpoint (epochs done: {max(before)}); "
           f"recovered on the head node from epoch {resumed}: {lost} finished epoch(s) lost")
 
@@ -285,7 +285,7 @@ def test_removed_node_run_recovers_on_remaining_node(real_cifar_small, tmp_path)
 def test_an_elastic_run_shrinks_on_a_preempted_node_and_grows_back(real_cifar_small, tmp_path):
     from cluster_scenarios import ELASTIC_EPOCHS
 
-    out = run_scenario("elastic", real_cifar_small, tmp_path)
+    out = run_scenarios([("elastic", real_cifar_small, tmp_path)])["elastic"]
     summary, undisturbed = out["summary"], out["undisturbed"]
     assert isinstance(summary, dict), summary  # with run.max_failures=0: the preemption used no failure budget
     assert isinstance(undisturbed, dict), undisturbed

@@ -20,29 +20,16 @@ from torch import nn
 
 from ray_resnet.apps import cli
 from ray_resnet.apps.export import exported_logits, onnx_missing
-from ray_resnet.config import load_config
 from ray_resnet.core.augment import normalize
 from ray_resnet.core.datasets import load_cifar
 from ray_resnet.core.precision import training_precision
 from ray_resnet.io.environment import cpu_model
-from ray_resnet.raytrain.driver import run_training
 
-EPOCHS = 2
+from fixtures import FINISHED_RUN_EPOCHS
+
+EPOCHS = FINISHED_RUN_EPOCHS
 SCALAR_TAGS = {"train/loss", "train/acc", "test/loss", "test/acc", "lr"}
 STEP_TAGS = {"step/train_loss", "step/lr"}
-LOG_EVERY_STEPS = 3  # of 4 steps per epoch (256 images in batches of 64): points at steps 3 and 6
-
-
-@pytest.fixture(scope="module")
-def finished_run(ray_local, real_cifar_small, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("runs")
-    cfg = load_config(None, [f"data.root={real_cifar_small}", f"run.storage={storage}", "run.name=served",
-                             f"schedule.epochs={EPOCHS}", "schedule.warmup_epochs=0", "schedule.milestones=[]", "data.train_subset=256",
-                             "data.test_subset=200", "optim.batch_size=64", "optim.lr=0.05",
-                             "perf.eval_batch_size=200", f"run.log_every_steps={LOG_EVERY_STEPS}"])
-    summary = run_training(cfg)
-    assert summary.epoch == EPOCHS
-    return storage / "served"
 
 
 def _free_port() -> int:

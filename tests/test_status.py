@@ -31,7 +31,7 @@ from ray_resnet.io.rundir import (
     write_result,
 )
 
-from fixtures import own_lines
+from fixtures import FINISHED_RUN_EPOCHS, own_lines
 from s3_server import BUCKET, S3Server
 
 TWO_HOURS_S = 2 * 3600
@@ -185,26 +185,23 @@ def test_a_finished_run_given_more_epochs_trains_on(tmp_path):
     assert later.status == "interrupted"
 
 
-@pytest.mark.usefixtures("ray_local")
-def test_a_real_run_and_its_copy_without_result_json(real_cifar_small, tmp_path):
+def test_a_real_run_and_its_copy_without_result_json(finished_run, tmp_path):
     """Ray Train's own snapshot file: the interrupted copy shows the epoch and accuracies of its checkpoint."""
-    from ray_resnet.raytrain.driver import run_training
-
-    result = run_training(load_config(None, [
-        f"data.root={real_cifar_small}", f"run.storage={tmp_path / 'runs'}", "run.name=real", "schedule.epochs=1",
-        "data.train_subset=128", "data.test_subset=100", "optim.batch_size=64", "schedule.warmup_epochs=0",
-        "schedule.milestones=[]", "perf.eval_batch_size=100"]))
+    result = json.loads((finished_run / "result.json").read_text())
+    shutil.copytree(finished_run, tmp_path / "runs" / "real")
     copy = tmp_path / "runs" / "copy"
-    shutil.copytree(tmp_path / "runs" / "real", copy)
+    shutil.copytree(finished_run, copy)
     (copy / "result.json").unlink()
     _age(copy, TWO_HOURS_S)
     rows = {row.name: row for row in read_status(str(tmp_path / "runs"))}
     real, interrupted = rows["real"], rows["copy"]
+    epochs = FINISHED_RUN_EPOCHS
     assert (real.status, real.epoch, real.epochs, real.test_acc, real.best_test_acc, real.host) == (
-        "finished", 1, 1, result.final_test_acc, result.best_test_acc, socket.gethostname())
+        "finished", epochs, epochs, result["final_test_acc"], result["best_test_acc"], socket.gethostname())
     assert (interrupted.status, interrupted.epoch, interrupted.epochs, interrupted.test_acc,
-            interrupted.best_test_acc) == ("interrupted", 1, 1, result.final_test_acc, result.best_test_acc)
-    assert interrupted.wall_time_s == pytest.approx(result.wall_time_s, abs=0.2)
+            interrupted.best_test_acc) == ("interrupted", epochs, epochs, result["final_test_acc"],
+                                           result["best_test_acc"])
+    assert interrupted.wall_time_s == pytest.approx(result["wall_time_s"], abs=0.2)
 
 
 def test_an_unreadable_config_leaves_the_rest_of_the_row(tmp_path):

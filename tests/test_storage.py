@@ -21,7 +21,6 @@ from ray_resnet.core.checkpoint import CheckpointState, load_checkpoint, save_ch
 from ray_resnet.core.datasets import load_cifar
 from ray_resnet.io import storage
 
-from cluster_scenarios import run_scenario
 from fixtures import own_lines, random_cifar, write_torchvision_cifar
 from s3_server import BUCKET, S3Server
 
@@ -43,16 +42,6 @@ def ray_resnet(s3, cwd: Path, *argv: str, timeout: float = 400) -> subprocess.Co
                           text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
-
-
-@pytest.fixture(scope="module")
-def s3_data(s3, real_cifar_small):
-    """The real CIFAR-10 slice, uploaded: a data.root that exists only in S3."""
-    with pytest.MonkeyPatch.context() as patch:  # the upload runs in this process
-        for key, value in s3.env.items():
-            patch.setenv(key, value)
-        storage.upload_dir(real_cifar_small, f"s3://{BUCKET}/cifar10-small")
-    return f"s3://{BUCKET}/cifar10-small"
 
 
 # --- the storage layer itself, in this process ---------------------------------------------------------------
@@ -383,8 +372,8 @@ def test_a_two_worker_run_lives_in_the_bucket_and_every_command_reads_it(s3_env,
 
 
 @pytest.mark.ray
-def test_two_nodes_with_storage_and_data_only_in_s3(s3, s3_data, tmp_path):
-    out = run_scenario("s3", s3_data, f"s3://{BUCKET}/cluster", env=s3.env)
+def test_two_nodes_with_storage_and_data_only_in_s3(two_node_runs):
+    out = two_node_runs["s3"]
     summary = out["summary"]
     assert isinstance(summary, dict), summary
     assert summary["epoch"] == 2 and summary["run_dir"] == f"s3://{BUCKET}/cluster/s3"
