@@ -13,6 +13,10 @@ from ray_resnet.io import environment
 from ray_resnet.io.rundir import record_attempt, record_duration, record_worker_group
 
 X86 = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu\n"
+# Two virtual machines' CPUs of one name: a Zen 4 EPYC with AVX-512 and bf16 dot products, and one without
+EPYC_ZEN4 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512bw avx512_bf16 avx512_vnni\n"
+EPYC_AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx avx2 fma\n"
+XEON_AMX = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 ARM = "processor\t: 0\nBogoMIPS\t: 108.00\nCPU implementer\t: 0x41\n\nHardware\t: BCM2835\nModel\t\t: Raspberry Pi 4\n"
 
 
@@ -22,6 +26,14 @@ def test_cpu_model_reads_proc_cpuinfo_and_falls_back_to_platform(tmp_path):
     assert environment.cpu_model(tmp_path / "x86") == "Intel(R) Xeon(R) Platinum 8480+"
     assert environment.cpu_model(tmp_path / "arm") == "BCM2835"
     assert environment.cpu_model(tmp_path / "absent") == (platform.processor() or platform.machine())
+
+
+def test_cpus_of_one_name_are_told_apart_by_their_vector_and_matrix_units(tmp_path):
+    for name, text in (("zen4", EPYC_ZEN4), ("avx2", EPYC_AVX2), ("amx", XEON_AMX)):
+        (tmp_path / name).write_text(text)
+    assert environment.cpu_model(tmp_path / "zen4") == "AMD EPYC (AVX2, AVX-512, AVX512-BF16)"
+    assert environment.cpu_model(tmp_path / "avx2") == "AMD EPYC (AVX2)"
+    assert environment.cpu_model(tmp_path / "amx") == "Intel(R) Xeon(R) Platinum 8480+ (AVX2, AVX-512, AVX512-BF16, AMX-BF16)"
 
 
 def _git(root, *args):

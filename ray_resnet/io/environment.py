@@ -54,16 +54,25 @@ def git_state(root: Path = PACKAGE_ROOT) -> dict | None:
     return {"commit": commit, "dirty": bool(changes)} if commit else None
 
 
+# The x86 units that set a CPU's training speed and precision (`perf.amp: auto` trains in bf16 on AMX), by their
+# /proc/cpuinfo flag; a virtual machine may show only "AMD EPYC" as its model name, for CPUs with and without them.
+CPU_UNITS = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}
+
+
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
-    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere what `platform` knows)."""
+    """The CPU's model name and, on x86, its vector and matrix units: "AMD EPYC (AVX2, AVX-512, AVX512-BF16)" (Linux:
+    /proc/cpuinfo; elsewhere what `platform` knows)."""
     try:
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model", "Hardware") and value.strip():  # x86; ARM boards
-                return value.strip()
+        lines = cpuinfo.read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine() or None
+        lines = []
+    fields = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in lines if ":" in line)}
+    name = next((v for k, v in fields.items() if k in ("model name", "Model", "Hardware") and v), None)  # x86; ARM
+    flags = set(fields.get("flags", "").split())
+    units = [unit for flag, unit in CPU_UNITS.items() if flag in flags]
+    if name and units:
+        return f"{name} ({', '.join(units)})"
+    return name or platform.processor() or platform.machine() or None
 
 
 def node_gpus() -> list[str]:
