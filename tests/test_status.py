@@ -24,6 +24,7 @@ from ray_resnet.io import environment, storage
 from ray_resnet.io.rundir import (
     SNAPSHOT_FILE,
     RunResult,
+    read_result,
     record_attempt,
     record_duration,
     run_dir,
@@ -187,7 +188,7 @@ def test_a_finished_run_given_more_epochs_trains_on(tmp_path):
 
 def test_a_real_run_and_its_copy_without_result_json(finished_run, tmp_path):
     """Ray Train's own snapshot file: the interrupted copy shows the epoch and accuracies of its checkpoint."""
-    result = json.loads((finished_run / "result.json").read_text())
+    result = read_result(str(finished_run))
     shutil.copytree(finished_run, tmp_path / "runs" / "real")
     copy = tmp_path / "runs" / "copy"
     shutil.copytree(finished_run, copy)
@@ -197,11 +198,10 @@ def test_a_real_run_and_its_copy_without_result_json(finished_run, tmp_path):
     real, interrupted = rows["real"], rows["copy"]
     epochs = FINISHED_RUN_EPOCHS
     assert (real.status, real.epoch, real.epochs, real.test_acc, real.best_test_acc, real.host) == (
-        "finished", epochs, epochs, result["final_test_acc"], result["best_test_acc"], socket.gethostname())
+        "finished", epochs, epochs, result.final_test_acc, result.best_test_acc, socket.gethostname())
     assert (interrupted.status, interrupted.epoch, interrupted.epochs, interrupted.test_acc,
-            interrupted.best_test_acc) == ("interrupted", epochs, epochs, result["final_test_acc"],
-                                           result["best_test_acc"])
-    assert interrupted.wall_time_s == pytest.approx(result["wall_time_s"], abs=0.2)
+            interrupted.best_test_acc) == ("interrupted", epochs, epochs, result.final_test_acc, result.best_test_acc)
+    assert interrupted.wall_time_s == pytest.approx(result.wall_time_s, abs=0.2)
 
 
 def test_an_unreadable_config_leaves_the_rest_of_the_row(tmp_path):
